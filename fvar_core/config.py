@@ -1,0 +1,249 @@
+"""The whole configuration of a run, as strict pydantic models.
+
+Config flows one way: preset YAML (`presets.py` resolves `extends:` and `--set`) → `Preset` here →
+constructors that take the sub-config they need. Unknown keys are errors, ranges are checked, and
+rules that span fields (resolution = tokenizer downsampling × last patch number, heads divide
+width, ...) are checked in `Preset`.
+"""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PyramidConfig(_Strict):
+    """How the focus pyramid (paper §3.1–3.2, DESIGN §4) builds the view of each scale."""
+
+    kernel: Literal["disk", "gaussian", "area"] = Field(
+        "disk", description="defocus PSF; 'area' = no refocusing (VAR's plain area pyramid)")
+    schedule: Literal["cosine", "matched", "linear"] = Field(
+        "cosine", description="radius per scale: cosine (Eq. 2, corrected to decrease), matched, linear")
+    rho_max: float = Field(12.0, ge=0.0, le=512.0, description="radius of the first (coarsest) scale")
+    space: Literal["pixel", "latent"] = Field(
+        "pixel", description="where the PSF acts: image pixels (default) or latent grid cells")
+    noise: bool = Field(False, description="add beta_k * eps to the focus views L_k (Eq. 3)")
+    beta_start: float = Field(1e-3, ge=0.0, le=1.0)
+    beta_end: float = Field(1e-2, ge=0.0, le=1.0)
+
+
+class TokenizerConfig(_Strict):
+    """Dual-path multi-scale VQ-VAE; the defaults are VAR's released architecture."""
+
+    vocab_size: int = Field(8192, ge=2, le=1 << 20, description="structure codebook entries")
+    alias_vocab_size: int = Field(512, ge=0, le=1 << 20, description="alias codebook entries; 0 = none")
+    shared_codebook: bool = Field(False, description="code alias residuals with the structure codebook")
+    z_channels: int = Field(32, ge=1, le=4096)
+    ch: int = Field(160, ge=32, le=4096)
+    ch_mult: tuple[int, ...] = Field((1, 1, 2, 2, 4), min_length=1, max_length=8)
+    num_res_blocks: int = Field(2, ge=1, le=16)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    beta: float = Field(0.25, ge=0.0, description="commitment weight")
+    quant_resi: float = Field(0.5, ge=-1.0, le=1.0, description="phi(h) = (1-r) h + r conv(h)")
+    share_quant_resi: int = Field(4, ge=0, le=64, description="number of shared phi convs (0 = one per scale)")
+    phi_index: Optional[tuple[int, ...]] = Field(
+        None, description="phi conv used by each scale; default: VAR's table for the scale count")
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+    @field_validator("ch_mult")
+    @classmethod
+    def _positive(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if any(m < 1 for m in v):
+            raise ValueError("every channel multiplier must be >= 1")
+        return v
+
+    @model_validator(mode="after")
+    def _groupnorm_channels(self) -> "TokenizerConfig":
+        # GroupNorm(32, C) everywhere in VAR's VQ-VAE: every channel count must split into 32 groups.
+        bad = [self.ch * m for m in self.ch_mult if (self.ch * m) % 32]
+        if bad:
+            raise ValueError(f"ch × ch_mult must be multiples of 32 (GroupNorm), got {bad}")
+        if self.shared_codebook and self.alias_vocab_size:
+            raise ValueError("shared_codebook codes alias residuals with the structure codebook: "
+                             "set alias_vocab_size to 0")
+        return self
+
+
+class ModelConfig(_Strict):
+    """VAR transformer (the student); width = 64·depth, heads = depth in VAR's mapping."""
+
+    depth: int = Field(16, ge=1, le=128)
+    width: int = Field(1024, ge=8, le=16384)
+    num_heads: int = Field(16, ge=1, le=256)
+    mlp_ratio: float = Field(4.0, gt=0.0, le=16.0)
+    drop_path: float = Field(0.1 * 16 / 24, ge=0.0, lt=1.0)
+    drop_rate: float = Field(0.0, ge=0.0, lt=1.0)
+    attn_drop: float = Field(0.0, ge=0.0, lt=1.0)
+    attn_l2_norm: bool = True
+    shared_aln: bool = False
+    num_classes: int = Field(1000, ge=1, le=1_000_000)
+    cond_drop: float = Field(0.1, ge=0.0, le=1.0, description="label dropout for CFG (training mode only)")
+    norm_eps: float = Field(1e-6, gt=0.0, le=1e-2)
+    init_std: Optional[float] = Field(None, gt=0.0, description="None: VAR's sqrt(1 / (3 width))")
+    init_head: float = Field(0.02, ge=0.0)
+    init_adaln: float = Field(0.5, ge=0.0)
+    init_adaln_gamma: float = Field(1e-5, ge=0.0)
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> "ModelConfig":
+        if self.width % self.num_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must divide width ({self.width})")
+        return self
+
+
+class TeacherConfig(_Strict):
+    """High-frequency residual teacher and online distillation (paper §3.3, §3.5–3.6, DESIGN §6)."""
+
+    enabled: bool = Field(True, description="false = the 'w/o High-Freq Teacher' ablation")
+    xattn_blocks: int = Field(2, ge=1, le=128, description="M: AG-XAttn in the last M blocks")
+    alias_visibility: Literal["causal", "same", "all"] = Field(
+        "causal", description="queries of scale k see alias tokens of scales <= k (causal), == k, or all")
+    lambda_feat: float = Field(1.0, ge=0.0)
+    lambda_logit: float = Field(0.5, ge=0.0)
+    feat_blocks: int = Field(2, ge=1, le=128, description="feature alignment on the last N blocks")
+    kd_temperature: float = Field(1.0, gt=0.0)
+    teacher_ce: bool = Field(True, description="the teacher's own CE (Eq. 12 omits it; without it it never learns)")
+
+
+class TrainConfig(_Strict):
+    """Transformer training (VAR's recipe shape, the paper's numbers)."""
+
+    steps: int = Field(400_000, ge=1)
+    batch_size: int = Field(256, ge=1, description="global batch")
+    lr: float = Field(1e-4, gt=0.0, description="base lr per 256 images; peak = lr · batch_size / 256")
+    weight_decay: float = Field(0.05, ge=0.0)
+    weight_decay_end: float = Field(0.05, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_frac: float = Field(0.02, ge=0.0, lt=1.0, description="VAR: ep/50 epochs of warm-up")
+    warmup_start: float = Field(0.005, ge=0.0, le=1.0, description="warm-up starts at this × peak")
+    lr_end: float = Field(0.01, ge=0.0, le=1.0, description="lin0 decay ends at this × peak")
+    grad_clip: float = Field(2.0, ge=0.0, description="0 = off")
+    grad_accum: int = Field(1, ge=1)
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    seed: int = Field(0, ge=0)
+    log_every: int = Field(50, ge=1)
+    ckpt_every: int = Field(5000, ge=1)
+    keep_last: int = Field(3, ge=1)
+    sample_every: int = Field(5000, ge=0, description="0 = no sample grids")
+    activation_checkpointing: bool = False
+    compile: bool = False
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError("betas must lie in [0, 1)")
+        return v
+
+
+class TokenizerTrainConfig(_Strict):
+    """Dual tokenizer training (paper §4.2: 100K steps before the transformer)."""
+
+    steps: int = Field(100_000, ge=1)
+    batch_size: int = Field(256, ge=1)
+    lr: float = Field(1e-4, gt=0.0)
+    l1_weight: float = Field(1.0, ge=0.0)
+    l2_weight: float = Field(1.0, ge=0.0)
+    vq_weight: float = Field(1.0, ge=0.0)
+    alias_weight: float = Field(1.0, ge=0.0, description="weight of the alias codebook's VQ loss")
+    perceptual_weight: float = Field(1.0, ge=0.0, description="used only when LPIPS weights are given")
+    adversarial_weight: float = Field(0.1, ge=0.0, description="used only when discriminator is enabled")
+    dead_code_every: int = Field(1000, ge=0, description="restart unused codes every N steps; 0 = off")
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    seed: int = Field(0, ge=0)
+    log_every: int = Field(50, ge=1)
+    ckpt_every: int = Field(5000, ge=1)
+    keep_last: int = Field(3, ge=1)
+    sample_every: int = Field(5000, ge=0)
+
+
+class DataConfig(_Strict):
+    """Image loading: VAR's shorter-side resize to mid_reso × resolution, then a crop."""
+
+    mid_reso: float = Field(1.125, ge=1.0, le=4.0)
+    hflip: bool = False
+    num_workers: int = Field(4, ge=0, le=256)
+
+
+class SampleConfig(_Strict):
+    """Sampling defaults (VAR's README: cfg 1.5, top-k 900, top-p 0.96)."""
+
+    cfg: float = Field(1.5, ge=0.0)
+    cfg_mode: Literal["var", "standard"] = Field(
+        "var", description="var: (1+t)·cond − t·uncond; standard: uncond + t·(cond − uncond)")
+    cfg_schedule: Literal["linear", "constant"] = Field("linear", description="VAR ramps t = cfg·k/(K−1)")
+    top_k: int = Field(900, ge=0, description="0 = off")
+    top_p: float = Field(0.96, ge=0.0, le=1.0, description="0 = off")
+    more_smooth: bool = False
+    batch_size: int = Field(64, ge=1)
+
+
+class Preset(_Strict):
+    """A complete, validated configuration: what a run directory and a checkpoint carry."""
+
+    name: str = Field(..., min_length=1)
+    description: str = ""
+    resolution: int = Field(256, ge=8, le=8192)
+    patch_nums: tuple[int, ...] = Field((1, 2, 3, 4, 5, 6, 8, 10, 13, 16), min_length=2, max_length=64)
+    pyramid: PyramidConfig = PyramidConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    model: ModelConfig = ModelConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    train: TrainConfig = TrainConfig()
+    tokenizer_train: TokenizerTrainConfig = TokenizerTrainConfig()
+    data: DataConfig = DataConfig()
+    sample: SampleConfig = SampleConfig()
+
+    @property
+    def num_scales(self) -> int:
+        return len(self.patch_nums)
+
+    @property
+    def seq_len(self) -> int:
+        """Tokens per image over all scales (680 for VAR's 256px schedule)."""
+        return sum(p * p for p in self.patch_nums)
+
+    @property
+    def patch_size(self) -> int:
+        """Image pixels per latent cell (16 for VAR's tokenizer)."""
+        return self.tokenizer.downsample
+
+    @field_validator("patch_nums")
+    @classmethod
+    def _increasing(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if v[0] < 1 or any(b <= a for a, b in zip(v, v[1:])):
+            raise ValueError(f"must be positive and strictly increasing, got {list(v)}")
+        return v
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> "Preset":
+        down = self.tokenizer.downsample
+        if self.resolution != down * self.patch_nums[-1]:
+            raise ValueError(
+                f"resolution ({self.resolution}) must equal the tokenizer's downsampling ({down}) × the last "
+                f"patch number ({self.patch_nums[-1]}) = {down * self.patch_nums[-1]}")
+        phi = self.tokenizer.phi_index
+        if phi is not None:
+            if len(phi) != self.num_scales:
+                raise ValueError(f"tokenizer.phi_index has {len(phi)} entries for {self.num_scales} scales")
+            n_phi = self.tokenizer.share_quant_resi or self.num_scales
+            if any(not 0 <= i < n_phi for i in phi):
+                raise ValueError(f"tokenizer.phi_index entries must lie in [0, {n_phi})")
+        if self.teacher.enabled and self.teacher.xattn_blocks > self.model.depth:
+            raise ValueError(f"teacher.xattn_blocks ({self.teacher.xattn_blocks}) exceeds model.depth "
+                             f"({self.model.depth})")
+        if self.teacher.feat_blocks > self.model.depth:
+            raise ValueError(f"teacher.feat_blocks ({self.teacher.feat_blocks}) exceeds model.depth "
+                             f"({self.model.depth})")
+        if self.teacher.enabled and not self.tokenizer.alias_vocab_size and not self.tokenizer.shared_codebook:
+            raise ValueError("teacher.enabled needs alias tokens: set tokenizer.alias_vocab_size > 0 or "
+                             "tokenizer.shared_codebook, or teacher.enabled false")
+        return self
