@@ -1,0 +1,80 @@
+"""The `fvar` entry point: builds the Typer app from the `fvar.commands` entry-point group.
+
+Built-in commands register in that group too (pyproject.toml), so a third-party package adds
+`fvar mycommand` by declaring an entry point `mycommand = "its_module:app"` in the same group.
+An entry point may name a `typer.Typer` (a command group) or a plain function (one command).
+"""
+from __future__ import annotations
+
+import errno
+import sys
+from importlib.metadata import EntryPoint, entry_points
+from typing import Iterable, Optional
+
+import typer
+
+from fvar_core.errors import UserError
+
+GROUP = "fvar.commands"
+
+
+def discover(group: str = GROUP) -> list[EntryPoint]:
+    """The installed command entry points, sorted by name (first registration of a name wins)."""
+    seen: dict[str, EntryPoint] = {}
+    for ep in sorted(entry_points(group=group), key=lambda e: e.name):
+        seen.setdefault(ep.name, ep)
+    return list(seen.values())
+
+
+def build_app(eps: Optional[Iterable[EntryPoint]] = None) -> typer.Typer:
+    """A fresh Typer app with one subcommand per entry point."""
+    app = typer.Typer(
+        name="fvar",
+        help="FVAR: visual autoregressive modelling via next-focus prediction (VAR-compatible).",
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+        context_settings={"help_option_names": ["-h", "--help"]},
+    )
+    for ep in discover() if eps is None else eps:
+        try:
+            obj = ep.load()
+        except Exception as e:  # a broken plugin must not take the other commands down
+            print(f"fvar: warning: command '{ep.name}' ({ep.value}) failed to load: {e}", file=sys.stderr)
+            continue
+        if isinstance(obj, typer.Typer):
+            app.add_typer(obj, name=ep.name)
+        elif callable(obj):
+            app.command(name=ep.name)(obj)
+        else:
+            print(f"fvar: warning: command '{ep.name}' is neither a Typer app nor a function", file=sys.stderr)
+    return app
+
+
+def run(app: typer.Typer, argv: Optional[list[str]] = None) -> int:
+    """Run the app; user errors become one line on stderr and exit code 2."""
+    try:
+        app(args=argv, prog_name="fvar", standalone_mode=True)
+    except SystemExit as e:
+        return int(e.code or 0) if not isinstance(e.code, str) else 1
+    except UserError as e:
+        print(f"fvar: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            print(f"fvar: error: no space left on device while writing {e.filename or 'output'}; "
+                  "nothing was overwritten", file=sys.stderr)
+            return 2
+        raise
+    except KeyboardInterrupt:
+        print("fvar: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def main() -> None:
+    sys.exit(run(build_app()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Built-in subcommands; each module exposes a Typer `app` registered under `fvar.commands`."""

@@ -1,0 +1,95 @@
+"""Reading and writing images safely: every bad file becomes a one-line `UserError`.
+
+Tensors here are float32 (3, H, W) in [0, 1]; models convert to [-1, 1] themselves.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .errors import UserError
+
+# Pillow warns above MAX_IMAGE_PIXELS and raises above twice that; a decompression bomb is refused
+# at the warning already, so a 100k×100k "PNG" of a few kB never reaches memory.
+MAX_PIXELS = 16384 * 16384
+
+
+def load_image(path: Union[str, Path], max_pixels: int = MAX_PIXELS) -> torch.Tensor:
+    """An image file → (3, H, W) float32 in [0, 1], RGB (alpha dropped, greyscale expanded)."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"no such file: {path}")
+    if path.is_dir():
+        raise UserError(f"{path} is a folder, expected an image file")
+    old_limit = Image.MAX_IMAGE_PIXELS
+    try:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()
+                rgb = im.convert("RGB")
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise UserError(f"{path}: refused, more than {max_pixels:,} pixels (decompression bomb?)") from None
+    except UnidentifiedImageError:
+        raise UserError(f"{path}: not an image file (or a format Pillow cannot read)") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        # truncated or corrupt data: Pillow raises OSError ("image file is truncated") or SyntaxError
+        raise UserError(f"{path}: corrupt or truncated image ({e})") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = old_limit
+    arr = np.asarray(rgb, dtype=np.float32) / 255.0
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+def fit_square(img: torch.Tensor, size: int) -> torch.Tensor:
+    """(3, H, W) → (3, size, size): shorter side resized to `size` (antialiased), centre crop."""
+    _, h, w = img.shape
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    if (nh, nw) != (h, w):
+        img = torch.nn.functional.interpolate(img[None], size=(nh, nw), mode="bicubic",
+                                              antialias=True, align_corners=False)[0].clamp(0, 1)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return img[:, top:top + size, left:left + size].contiguous()
+
+
+def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
+    """Write via a temporary file in the same folder and rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if e.errno == errno.ENOSPC:
+            raise UserError(f"no space left on device writing {path}; the previous file is untouched") from None
+        raise
+
+
+def save_png(img: Union[torch.Tensor, Image.Image], path: Union[str, Path]) -> None:
+    """(3, H, W) in [0, 1] or a PIL image → PNG file, written atomically."""
+    if isinstance(img, torch.Tensor):
+        arr = (img.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255.0 + 0.5).astype(np.uint8)
+        img = Image.fromarray(arr)
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
