@@ -93,3 +93,17 @@ def save_png(img: Union[torch.Tensor, Image.Image], path: Union[str, Path]) -> N
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     atomic_write_bytes(path, buf.getvalue())
+
+
+def load_or_builtin(spec: str, size: int) -> tuple[torch.Tensor, str]:
+    """An image path or a built-in test image name → ((3, size, size) in [0, 1], display name).
+
+    A file of that name wins over a built-in of the same name.
+    """
+    from .testimages import BUILTIN_IMAGES
+
+    if not Path(spec).exists() and spec in BUILTIN_IMAGES:
+        return BUILTIN_IMAGES[spec](size).float(), f"built-in {spec}"
+    if not Path(spec).exists() and not Path(spec).suffix:
+        raise UserError(f"no such file or built-in image: {spec} (built-ins: {', '.join(BUILTIN_IMAGES)})")
+    return fit_square(load_image(spec), size), Path(spec).name
