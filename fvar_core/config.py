@@ -19,7 +19,7 @@ class _Strict(BaseModel):
 class PyramidConfig(_Strict):
     """How the focus pyramid (paper §3.1–3.2, DESIGN §4) builds the view of each scale."""
 
-    kernel: Literal["disk", "gaussian", "area"] = Field(
+    kernel: Literal["disk", "gaussian", "box", "area"] = Field(
         "disk", description="defocus PSF; 'area' = no refocusing (VAR's plain area pyramid)")
     schedule: Literal["cosine", "matched", "linear"] = Field(
         "cosine", description="radius per scale: cosine (Eq. 2, corrected to decrease), matched, linear")

@@ -68,6 +68,7 @@ def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -81,6 +82,12 @@ def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
         if e.errno == errno.ENOSPC:
             raise UserError(f"no space left on device writing {path}; the previous file is untouched") from None
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def save_png(img: Union[torch.Tensor, Image.Image], path: Union[str, Path]) -> None:
