@@ -1,0 +1,208 @@
+"""The dual-path tokenizer: VAR's VQ-VAE (encoder, quant_conv, multi-scale quantizer,
+post_quant_conv, decoder) plus FVAR's focus encoding (DESIGN §5), and official-format interop.
+
+    img (B, 3, H, W) in [-1, 1] ──encoder──quant_conv──▶ f (B, Cz, H/16, W/16)
+    f ──quantizer──▶ K token maps (B, pn_k²) [+ K alias maps] ──▶ f̂ ──post_quant_conv──decoder──▶ img
+
+With `kernel: area` and no alias codebook this is VAR's VQ-VAE bit for bit; its `state_dict()`
+(minus the alias codebook) is the official 324-key set, so `vae_ch160v4096z32.pth` loads through
+`load_official_state_dict` and our weights export through `official_state_dict`.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Mapping, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from .config import PyramidConfig, TokenizerConfig
+from .errors import UserError
+from .quantizer import ALIAS_EMBEDDING_KEY, FocusTokens, MultiScaleQuantizer, VQOutput
+from .vqvae import Decoder, Encoder
+
+# Keys of our tokenizer that the official VQVAE does not have.
+EXTENSION_KEYS = ("quantize." + ALIAS_EMBEDDING_KEY,)
+EMA_KEY = "quantize.ema_vocab_hit_SV"
+
+
+class Tokenizer(nn.Module):
+    """VAR-compatible multi-scale VQ-VAE with an optional alias codebook."""
+
+    def __init__(self, cfg: TokenizerConfig, patch_nums: Sequence[int]):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_nums = tuple(int(p) for p in patch_nums)
+        self.downsample = cfg.downsample
+        arch = dict(ch=cfg.ch, ch_mult=tuple(cfg.ch_mult), num_res_blocks=cfg.num_res_blocks,
+                    z_channels=cfg.z_channels, dropout=cfg.dropout)
+        # Registration order = official state_dict order: encoder, decoder, quantize, quant_conv, post_quant_conv.
+        self.encoder = Encoder(**arch)
+        self.decoder = Decoder(**arch)
+        self.quantize = MultiScaleQuantizer(cfg, self.patch_nums)
+        Cz = cfg.z_channels
+        self.quant_conv = nn.Conv2d(Cz, Cz, kernel_size=3, stride=1, padding=1)
+        self.post_quant_conv = nn.Conv2d(Cz, Cz, kernel_size=3, stride=1, padding=1)
+
+    @classmethod
+    def from_config(cls, tok_cfg: TokenizerConfig, patch_nums: Sequence[int]) -> "Tokenizer":
+        return cls(tok_cfg, patch_nums)
+
+    @property
+    def resolution(self) -> int:
+        return self.downsample * self.patch_nums[-1]
+
+    def _check_img(self, img: torch.Tensor, what: str = "image") -> None:
+        R = self.resolution
+        if img.ndim != 4 or img.shape[1] != 3 or tuple(img.shape[2:]) != (R, R):
+            raise UserError(f"{what} of shape {tuple(img.shape)} does not match the tokenizer's "
+                            f"(B, 3, {R}, {R}) (downsample {self.downsample} × last patch number "
+                            f"{self.patch_nums[-1]})")
+
+    # ------------------------------------------------------------------------------- VAR's API
+    def encode_latent(self, img: torch.Tensor) -> torch.Tensor:
+        """img (B, 3, H, W) in [-1, 1] → f = quant_conv(encoder(img)) (B, Cz, H/16, W/16)."""
+        return self.quant_conv(self.encoder(img))
+
+    @torch.no_grad()
+    def img_to_idx(self, img: torch.Tensor) -> List[torch.Tensor]:
+        """VAR's `img_to_idxBl`: K token maps (B, pn_k²) long."""
+        self._check_img(img)
+        return self.quantize.f_to_idx(self.encode_latent(img))
+
+    def fhat_to_img(self, f_hat: torch.Tensor) -> torch.Tensor:
+        """f̂ (B, Cz, h, w) → image (B, 3, 16h, 16w) clamped to [-1, 1] (the decoder has no tanh)."""
+        return self.decoder(self.post_quant_conv(f_hat)).clamp_(-1, 1)
+
+    @torch.no_grad()
+    def idx_to_img(self, idx_list: Sequence[torch.Tensor], last_only: bool = True):
+        """Decode K token maps: the final image (B, 3, H, W), or one image per partial f̂."""
+        if last_only:
+            return self.fhat_to_img(self.quantize.idx_to_fhat(idx_list, last_only=True))
+        return [self.fhat_to_img(f) for f in self.quantize.idx_to_fhat(idx_list, last_only=False)]
+
+    @torch.no_grad()
+    def img_to_recon(self, img: torch.Tensor) -> torch.Tensor:
+        """Encode, quantize over all scales and decode: (B, 3, H, W) in [-1, 1]."""
+        return self.fhat_to_img(self.quantize.f_to_fhat_per_scale(self.encode_latent(img))[-1])
+
+    # ------------------------------------------------------------------------------ FVAR's API
+    def _encode_views(self, img: torch.Tensor, focus_imgs: Sequence[torch.Tensor]):
+        """E(img) and z_k = E(focus_imgs[k]) with ONE encoder call on img + the distinct focus
+        images: an entry that is img itself (or the same tensor object as another scale's) reuses
+        that latent, which is how scales with ρ_k below half a pixel get z_k = E(x) for free.
+        Returns (f (B, Cz, h, w), K latents)."""
+        K = len(self.patch_nums)
+        if len(focus_imgs) != K:
+            raise UserError(f"{len(focus_imgs)} focus images given for {K} scales")
+        self._check_img(img)
+        distinct: List[torch.Tensor] = []
+        slot: List[int] = []  # latent of each scale: 0 = E(img), j ≥ 1 = E(distinct[j−1])
+        seen: Dict[int, int] = {id(img): 0}
+        for x in focus_imgs:
+            if id(x) not in seen:
+                self._check_img(x, "focus image")
+                distinct.append(x)
+                seen[id(x)] = len(distinct)
+            slot.append(seen[id(x)])
+        B = img.shape[0]
+        latents = self.encode_latent(torch.cat([img, *distinct], dim=0) if distinct else img).split(B, dim=0)
+        return latents[0], [latents[j] for j in slot]
+
+    @torch.no_grad()
+    def encode_focus_images(self, img: torch.Tensor, focus_imgs: Sequence[torch.Tensor],
+                            with_margin: bool = False) -> FocusTokens:
+        """Dual-path tokens of img (B, 3, H, W) given one focus image PSF_ρk ⋆ img per scale
+        (K of them, the same object as img where ρ_k < ½ px); the K focus encodes are batched."""
+        f, zs = self._encode_views(img, focus_imgs)
+        return self.quantize.encode_focus(f, zs, with_margin=with_margin)
+
+    @torch.no_grad()
+    def encode_with_pyramid(self, img: torch.Tensor, pyramid_cfg: PyramidConfig, resolution: int,
+                            generator: Optional[torch.Generator] = None) -> FocusTokens:
+        """Dual-path tokens of img under a focus pyramid: ρ_k from `schedules.radii`, the PSF from
+        `psf.blur`. kernel 'area' or ρ_k < ½ (pixel or latent cell) reuses E(x) at that scale;
+        with `noise`, β_k ε (β linear from beta_start to beta_end over the scales) is added to each
+        blurred view (never to the sharp one, so z_K = E(x) stays exact)."""
+        from .psf import blur  # lazy: the pyramid modules are optional for plain VAR use
+        from .schedules import betas, radii
+
+        if resolution != self.resolution:
+            raise UserError(f"pyramid resolution {resolution} does not match the tokenizer's {self.resolution}")
+        K = len(self.patch_nums)
+        # Latent space: ρ in grid cells, so the schedule sees a "resolution" of one cell per token.
+        grid = resolution if pyramid_cfg.space == "pixel" else self.patch_nums[-1]
+        rhos = radii(pyramid_cfg.schedule, pyramid_cfg.rho_max, self.patch_nums, grid)
+        beta = betas(pyramid_cfg.beta_start, pyramid_cfg.beta_end, K)
+        focused = [pyramid_cfg.kernel != "area" and rho >= 0.5 for rho in rhos]
+
+        def noisy(x: torch.Tensor, k: int) -> torch.Tensor:
+            if not pyramid_cfg.noise:
+                return x
+            dev = generator.device if generator is not None else x.device
+            return x + beta[k] * torch.randn(x.shape, generator=generator, device=dev, dtype=x.dtype).to(x.device)
+
+        if pyramid_cfg.space == "pixel":
+            views = [noisy(blur(img, pyramid_cfg.kernel, rhos[k]), k) if focused[k] else img for k in range(K)]
+            return self.encode_focus_images(img, views)
+        # Latent-grid variant (an experiment, DESIGN §4): the PSF acts on f, ρ in grid cells.
+        f = self.encode_latent(img)
+        zs = [noisy(blur(f, pyramid_cfg.kernel, rhos[k]), k) if focused[k] else f for k in range(K)]
+        return self.quantize.encode_focus(f, zs)
+
+    # -------------------------------------------------------------------------------- training
+    def forward(self, img: torch.Tensor, focus_imgs: Optional[Sequence[torch.Tensor]] = None):
+        """Tokenizer training step body: (reconstruction (B, 3, H, W) unclamped, VQOutput).
+
+        With focus images, the encoder runs once on img plus the distinct focus images (batched).
+        """
+        if focus_imgs is None:
+            self._check_img(img)
+            f, f_focus = self.encode_latent(img), None
+        else:
+            f, f_focus = self._encode_views(img, focus_imgs)
+        vq: VQOutput = self.quantize(f, f_focus)
+        return self.decoder(self.post_quant_conv(vq.f_hat)), vq
+
+
+# ---------------------------------------------------------------------------------- interop
+def official_state_dict(tokenizer: Tokenizer) -> Dict[str, torch.Tensor]:
+    """The tokenizer's weights under the official VQVAE keys only (no alias codebook), in the
+    official order: what `VQVAE.load_state_dict(..., strict=True)` accepts (324 keys at ch=160)."""
+    return {k: v.detach().clone() for k, v in tokenizer.state_dict().items() if k not in EXTENSION_KEYS}
+
+
+def _fmt(keys: Sequence[str], limit: int = 6) -> str:
+    keys = list(keys)
+    shown = ", ".join(keys[:limit])
+    return shown + (f", … ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def load_official_state_dict(tokenizer: Tokenizer, sd: Mapping[str, torch.Tensor]) -> None:
+    """Load an official-format VQVAE state dict (e.g. `vae_ch160v4096z32.pth`) into the tokenizer.
+
+    Strict on the official keys: a missing, unexpected or mis-shaped key raises a UserError that
+    lists them. Like the official loader, `quantize.ema_vocab_hit_SV` is replaced by the model's
+    own buffer when the number of scales differs (e.g. the 14-scale 1024px schedule). The alias
+    codebook (not in the official format) keeps its current values.
+    """
+    own = tokenizer.state_dict()
+    expected = {k: v for k, v in own.items() if k not in EXTENSION_KEYS}
+    sd = dict(sd)
+    if EMA_KEY in sd and EMA_KEY in own and sd[EMA_KEY].ndim == 2 and sd[EMA_KEY].shape[0] != own[EMA_KEY].shape[0]:
+        sd[EMA_KEY] = own[EMA_KEY]
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    mismatched = [f"{k} {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}"
+                  for k in expected if k in sd and tuple(sd[k].shape) != tuple(expected[k].shape)]
+    problems = []
+    if mismatched:
+        problems.append(f"shape mismatch: {_fmt(mismatched)}")
+    if missing:
+        problems.append(f"missing keys: {_fmt(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_fmt(unexpected)}")
+    if problems:
+        cfg = tokenizer.cfg
+        raise UserError(f"checkpoint does not fit the tokenizer (V={cfg.vocab_size}, z={cfg.z_channels}, "
+                        f"ch={cfg.ch}, {len(tokenizer.patch_nums)} scales): " + "; ".join(problems))
+    tokenizer.load_state_dict({**own, **sd}, strict=True)
