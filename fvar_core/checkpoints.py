@@ -29,6 +29,7 @@ from typing import Any, Iterable, Mapping, Optional, Union
 import torch
 from safetensors.torch import load_file, save_file
 
+from .atomic import atomic_write, umask
 from .config import Preset
 from .errors import UserError
 from .presets import list_presets, load_preset, validate
@@ -145,7 +146,7 @@ def save_checkpoint(directory: PathLike, *, kind: str, preset: Preset, state_dic
     tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{target.name}.tmp-"))
     aside: Optional[Path] = None
     try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700 directories
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700 directories
         weights = tmp / WEIGHTS_NAME
         save_file(tensors, str(weights), metadata={"format": "pt", "fvar_kind": kind})
         _fsync_path(weights)
@@ -182,12 +183,6 @@ def save_checkpoint(directory: PathLike, *, kind: str, preset: Preset, state_dic
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)
     return target
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 # ------------------------------------------------------------------------------------------- load
@@ -563,23 +558,7 @@ def atomic_torch_save(obj: Any, path: PathLike) -> None:
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path} is a directory; give the .pth file to write")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            raise UserError(f"no space left on device writing {path}; nothing was overwritten") from None
-        raise
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def official_state_dict_of(ckpt: Checkpoint) -> StateDict:

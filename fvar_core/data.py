@@ -37,7 +37,8 @@ from PIL import Image, UnidentifiedImageError
 
 from .config import DataConfig
 from .errors import UserError
-from .images import MAX_PIXELS, atomic_write_bytes, load_image
+from .atomic import atomic_write_bytes
+from .images import MAX_PIXELS, load_image
 
 # Pillow-readable still-image formats (lower case; matching is case-insensitive: ImageNet's .JPEG).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")

@@ -4,9 +4,6 @@ Tensors here are float32 (3, H, W) in [0, 1]; models convert to [-1, 1] themselv
 """
 from __future__ import annotations
 
-import errno
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Union
@@ -15,6 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .atomic import atomic_write_bytes
 from .errors import UserError
 
 # Pillow warns above MAX_IMAGE_PIXELS and raises above twice that; a decompression bomb is refused
@@ -60,34 +58,6 @@ def fit_square(img: torch.Tensor, size: int) -> torch.Tensor:
                                               antialias=True, align_corners=False)[0].clamp(0, 1)
     top, left = (nh - size) // 2, (nw - size) // 2
     return img[:, top:top + size, left:left + size].contiguous()
-
-
-def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
-    """Write via a temporary file in the same folder and rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if e.errno == errno.ENOSPC:
-            raise UserError(f"no space left on device writing {path}; the previous file is untouched") from None
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def save_png(img: Union[torch.Tensor, Image.Image], path: Union[str, Path]) -> None:

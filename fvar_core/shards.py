@@ -54,7 +54,7 @@ import torch
 
 from .config import Preset
 from .errors import UserError
-from .images import atomic_write_bytes
+from .atomic import atomic_write_bytes
 
 FORMAT = "fvar-token-shards"
 VERSION = 1

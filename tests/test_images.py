@@ -8,9 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from fvar_core import images
+from fvar_core import atomic
 from fvar_core.errors import UserError
-from fvar_core.images import atomic_write_bytes, fit_square, load_image, save_png
+from fvar_core.atomic import atomic_write_bytes
+from fvar_core.images import fit_square, load_image, save_png
 
 from .conftest import png_claiming_size
 
@@ -77,7 +78,7 @@ def test_atomic_write_keeps_old_file_when_disk_is_full(tmp_path, monkeypatch):
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(images.os, "fsync", full)
+    monkeypatch.setattr(atomic.os, "fsync", full)
     with pytest.raises(UserError, match="no space left"):
         atomic_write_bytes(target, b"new")
     assert target.read_bytes() == b"old"
