@@ -1,0 +1,164 @@
+"""`fvar train-tokenizer` end to end on generated images (tiny-64, CPU)."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from fvar_core.presets import load_preset
+from fvar_core.schedules import radii
+from fvar_core.tokenizer_training import TokenizerTask, train_tokenizer
+from fvar_core.training import complete_checkpoints
+
+# A raised lr and frequent dead-code restarts so 150 CPU steps show real learning.
+FAST = ["tokenizer_train.lr=3e-3", "tokenizer_train.batch_size=4", "tokenizer_train.dead_code_every=25", "tokenizer_train.log_every=10",
+        "tokenizer_train.ckpt_every=50", "tokenizer_train.sample_every=50", "tokenizer_train.precision=fp32"]
+
+
+def make_folder(root: Path, per_class: int = 8, size: int = 80, corrupt: int = 0) -> Path:
+    """2 classes of shapes, gradients and text-like strokes; `corrupt` unreadable files added."""
+    rng = random.Random(0)
+    for c, name in enumerate(("shapes", "strokes")):
+        d = root / name
+        d.mkdir(parents=True)
+        for i in range(per_class):
+            im = Image.new("RGB", (size, size + 8 * (i % 3)))
+            px = im.load()
+            a, b, e = (rng.randrange(256) for _ in range(3))
+            for y in range(im.height):  # a smooth colour ramp under the shapes / strokes
+                for x in range(im.width):
+                    px[x, y] = (a + (255 - a) * x // im.width, b * (im.height - y) // im.height, e)
+            dr = ImageDraw.Draw(im)
+            for _ in range(4):
+                x0, y0 = rng.randrange(size - 20), rng.randrange(size - 20)
+                col = tuple(rng.randrange(256) for _ in range(3))
+                if c == 0:
+                    (dr.ellipse if rng.random() < 0.5 else dr.rectangle)(
+                        [x0, y0, x0 + rng.randrange(8, 20), y0 + rng.randrange(8, 20)], fill=col)
+                else:
+                    dr.text((x0, y0), "fvar" if rng.random() < 0.5 else "VAR 1k", fill=col)
+                    dr.line([x0, y0, x0 + 18, y0 + rng.randrange(-9, 9)], fill=col, width=1)
+            im.save(d / f"{i:02d}.png")
+    for j in range(corrupt):
+        (root / "shapes" / f"broken{j}.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    return root
+
+
+def _metrics(run: Path):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One 120-step run of batch 4, shared by the assertions below (about 30 s on 2 CPU cores)."""
+    root = tmp_path_factory.mktemp("tok")
+    data = make_folder(root / "data", corrupt=2)
+    preset = load_preset("tiny-64", [*FAST, "tokenizer_train.steps=120", "tokenizer_train.log_every=1"])
+    torch.set_num_threads(min(8, torch.get_num_threads()))
+    res = train_tokenizer(preset, data, root / "run", device="cpu")
+    return preset, root / "run", res
+
+
+def test_reconstruction_loss_falls_by_half_and_psnr_is_reported(trained):
+    _, run, res = trained
+    m = _metrics(run)
+    first = m[0]["recon"]
+    last = sum(x["recon"] for x in m[-10:]) / 10
+    assert last <= 0.5 * first, (first, last)
+    assert m[-1]["psnr"] > m[0]["psnr"] + 3
+    assert res.step == 120 and res.checkpoint.name == "step-0000120"
+
+
+def test_every_scale_of_both_codebooks_uses_more_than_one_code(trained):
+    preset, run, _ = trained
+    m = _metrics(run)
+    # Per-step windows of 4 images (1 token each at scale 1): the most codes a window used after
+    # the first dead-code restart (step 25).
+    after = [x for x in m if x["step"] > 25]
+    codes_s = [max(x["codes_structure"][k] for x in after) for k in range(preset.num_scales)]
+    assert all(c > 1 for c in codes_s), codes_s
+    # The alias residual of a scale with ρ_k < ½ px is E(x) − E(x) = 0 by construction (one code);
+    # every focused scale must use more than one alias code.
+    rhos = radii(preset.pyramid.schedule, preset.pyramid.rho_max, preset.patch_nums, preset.resolution)
+    codes_a = [max(x["codes_alias"][k] for x in after) for k in range(preset.num_scales)]
+    assert all(c > 1 for c, r in zip(codes_a, rhos) if r >= 0.5), (codes_a, rhos)
+    assert sum(x["dead_restarted_structure"] for x in m) > 0  # restarts happened
+
+
+def test_run_dir_holds_config_checkpoints_samples_and_a_log_of_the_skipped_files(trained):
+    _, run, _ = trained
+    assert (run / "config.yaml").is_file() and (run / "classes.json").is_file()
+    assert [s for s, _ in complete_checkpoints(run)] == [50, 100, 120]
+    assert sorted(p.name for p in (run / "samples").iterdir()) == [
+        "step-0000050.png", "step-0000100.png"]
+    log = (run / "log.txt").read_text()
+    assert "skipping 2 of 18 image files" in log and "broken0.png" in log
+    assert "perceptual loss: off" in log and "adversarial loss: off" in log
+
+
+def test_cli_resumes_an_interrupted_run_from_its_last_checkpoint(tmp_path, cli, monkeypatch):
+    data = make_folder(tmp_path / "data", per_class=4)
+    run = tmp_path / "run"
+    args = ["train-tokenizer", "--preset", "tiny-64", "--data", str(data), "--out", str(run), "--batch", "2",
+            *[a for s in [*FAST, "tokenizer_train.ckpt_every=10"] for a in ("--set", s)]]
+    r = cli(*args, "--steps", "20")
+    assert r.code == 0, r.err
+    assert f"run directory: {run}" in r.out and "step-0000020" in r.out
+    # Stop mid-way: a run of 30 steps that dies at step 25 (after the checkpoint of step 20).
+    import fvar_core.tokenizer_training as tt
+    real_step = tt.TokenizerTask.step
+
+    def dying(self, batch, step):
+        if step == 25:
+            raise KeyboardInterrupt
+        return real_step(self, batch, step)
+
+    monkeypatch.setattr(tt.TokenizerTask, "step", dying)
+    assert cli(*args, "--steps", "30").code == 130
+    assert [s for s, _ in complete_checkpoints(run)] == [10, 20]
+    monkeypatch.setattr(tt.TokenizerTask, "step", real_step)
+    r = cli(*args, "--steps", "30")
+    assert r.code == 0, r.err
+    assert "resuming" in r.err and "from step 20" in r.err
+    assert [m["step"] for m in _metrics(run)] == [10, 20, 30]
+    # Another preset into the same run directory: one line, exit 2, nothing written.
+    before = sorted(p for p in run.rglob("*"))
+    r = cli(*args[:2], "tiny-32", *args[3:], "--steps", "30")
+    assert r.code == 2 and "another preset" in r.err and r.err.count("\n") == 1
+    assert sorted(p for p in run.rglob("*")) == before
+
+
+def test_perceptual_weights_take_a_torchscript_feature_net(tmp_path):
+    net = torch.jit.script(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU()))
+    net.save(str(tmp_path / "feat.pt"))
+    preset = load_preset("tiny-64")
+    task = TokenizerTask(preset, perceptual_weights=tmp_path / "feat.pt")
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    assert task.perceptual(x, x).item() == pytest.approx(0.0, abs=1e-6)
+    assert task.perceptual(x, -x).item() > 0
+    (tmp_path / "bad.pt").write_bytes(b"junk")
+    from fvar_core.errors import UserError
+    with pytest.raises(UserError, match="not a TorchScript feature network"):
+        TokenizerTask(preset, perceptual_weights=tmp_path / "bad.pt")
+
+
+def test_init_from_a_tokenizer_checkpoint_trains_only_the_alias_codebook(tmp_path):
+    from fvar_core.checkpoints import save_checkpoint
+    from fvar_core.tokenizer import Tokenizer, official_state_dict
+
+    preset = load_preset("tiny-64")
+    src = Tokenizer(preset.tokenizer, preset.patch_nums)
+    save_checkpoint(tmp_path / "vae", kind="tokenizer", preset=preset, state_dict=official_state_dict(src))
+    task = TokenizerTask(preset, init_from=tmp_path / "vae")
+    tok = task.build()
+    trainable = [n for n, p in tok.named_parameters() if p.requires_grad]
+    assert trainable == ["quantize.alias_embedding.weight"]
+    assert torch.equal(tok.encoder.conv_in.weight, src.encoder.conv_in.weight)
+    task.attach(tok)
+    loss, _ = task.step((torch.rand(2, 3, 64, 64) * 2 - 1, torch.zeros(2)), 0)
+    loss.backward()
+    assert tok.quantize.alias_embedding.weight.grad.abs().sum() > 0
