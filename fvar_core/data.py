@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,12 +32,12 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from .config import DataConfig
 from .errors import UserError
 from .atomic import atomic_write_bytes
-from .images import MAX_PIXELS, load_image
+from .images import UNREADABLE, bomb_guard, open_rgb, unreadable_reason
 
 # Pillow-readable still-image formats (lower case; matching is case-insensitive: ImageNet's .JPEG).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
@@ -179,45 +178,24 @@ def read_class_index(path: Union[str, Path]) -> List[str]:
 
 # ---------------------------------------------------------------------------- validation
 def _check(path: Path, decode: bool) -> Optional[str]:
-    # No global state touched here (validate runs it in threads): the caller sets Pillow's pixel
-    # limit and turns DecompressionBombWarning into an error around all the calls.
+    # No global state touched here (validate runs it in threads): the caller holds one
+    # images.bomb_guard around all the calls.
     try:
         with Image.open(path) as im:
             if decode:
                 im.load()
             else:
                 im.verify()
-    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
-        return f"{path}: refused, more than {MAX_PIXELS:,} pixels (decompression bomb?)"
-    except UnidentifiedImageError:
-        return f"{path}: not an image file (or a format Pillow cannot read)"
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        return f"{path}: corrupt or truncated image ({e})"
+    except UNREADABLE as e:
+        return unreadable_reason(path, e)
     return None
-
-
-class _BombGuard:
-    """Pillow's limit at MAX_PIXELS and its bomb warning as an error (images.load_image's policy)."""
-
-    def __enter__(self):
-        self._old = Image.MAX_IMAGE_PIXELS
-        Image.MAX_IMAGE_PIXELS = MAX_PIXELS
-        self._warn = warnings.catch_warnings()
-        self._warn.__enter__()
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        return self
-
-    def __exit__(self, *exc):
-        self._warn.__exit__(*exc)
-        Image.MAX_IMAGE_PIXELS = self._old
-        return False
 
 
 def check_image_file(path: Union[str, Path], decode: bool = False) -> Optional[str]:
     """None if Pillow can read the file, else a one-line reason. Header-deep by default (open +
     verify: reads headers and, for PNG, the chunk CRCs); `decode=True` also decodes the pixels,
     which catches what verify cannot (a JPEG cut off halfway) at the cost of a full decode."""
-    with _BombGuard():
+    with bomb_guard():
         return _check(Path(path), decode)
 
 
@@ -231,7 +209,7 @@ def validate(index: FolderIndex, decode: bool = False, workers: int = 8,
     """
     n = len(index)
     reasons: List[Optional[str]] = []
-    with _BombGuard(), ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+    with bomb_guard(), ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for start in range(0, n, 4096):  # chunks: a million pending futures would cost gigabytes
             reasons += pool.map(lambda p: _check(p, decode), index.files[start:start + 4096])
             if progress is not None:
@@ -330,10 +308,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return np.random.default_rng([self.seed, self.epoch, i])
 
     def _decode(self, path: Path) -> Image.Image:
-        # load_image holds the policy on bad files (bomb, truncated, not an image → UserError);
-        # its float32 of u8/255 goes back to uint8 exactly, so LANCZOS sees the file's pixels.
-        x = load_image(path)
-        return Image.fromarray((x.permute(1, 2, 0).numpy() * 255.0).round().astype(np.uint8))
+        # open_rgb holds the policy on bad files (bomb, truncated, not an image → UserError).
+        return open_rgb(path)
 
     def load(self, i: int, rng_item: Optional[int] = None) -> Tuple[torch.Tensor, int]:
         """Item i without fallback: UserError (one line, naming the file) if it cannot be read."""

@@ -4,9 +4,10 @@ Tensors here are float32 (3, H, W) in [0, 1]; models convert to [-1, 1] themselv
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
-from typing import Union
+from typing import Iterator, Union
 
 import numpy as np
 import torch
@@ -20,31 +21,55 @@ from .errors import UserError
 MAX_PIXELS = 16384 * 16384
 
 
-def load_image(path: Union[str, Path], max_pixels: int = MAX_PIXELS) -> torch.Tensor:
-    """An image file → (3, H, W) float32 in [0, 1], RGB (alpha dropped, greyscale expanded)."""
+@contextlib.contextmanager
+def bomb_guard(max_pixels: int = MAX_PIXELS) -> Iterator[None]:
+    """Pillow's pixel limit at `max_pixels`, its bomb warning raised as an error; restored after.
+
+    This is process-wide Pillow state: wrap a whole batch of (possibly threaded) opens in one guard.
+    """
+    old_limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = old_limit
+
+
+# What Pillow raises for a file it cannot read: a bomb, an unknown format, truncated or corrupt data
+# (OSError "image file is truncated", SyntaxError, ValueError, EOFError from some decoders).
+UNREADABLE = (Image.DecompressionBombWarning, Image.DecompressionBombError, UnidentifiedImageError,
+              OSError, SyntaxError, ValueError, EOFError)
+
+
+def unreadable_reason(path: Union[str, Path], exc: BaseException, max_pixels: int = MAX_PIXELS) -> str:
+    """The one-line reason a file could not be read, from the exception Pillow raised."""
+    if isinstance(exc, (Image.DecompressionBombWarning, Image.DecompressionBombError)):
+        return f"{path}: refused, more than {max_pixels:,} pixels (decompression bomb?)"
+    if isinstance(exc, UnidentifiedImageError):
+        return f"{path}: not an image file (or a format Pillow cannot read)"
+    return f"{path}: corrupt or truncated image ({exc})"
+
+
+def open_rgb(path: Union[str, Path], max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """An image file → a fully decoded RGB PIL image (alpha dropped, greyscale expanded)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"no such file: {path}")
     if path.is_dir():
         raise UserError(f"{path} is a folder, expected an image file")
-    old_limit = Image.MAX_IMAGE_PIXELS
     try:
-        Image.MAX_IMAGE_PIXELS = max_pixels
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                im.load()
-                rgb = im.convert("RGB")
-    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
-        raise UserError(f"{path}: refused, more than {max_pixels:,} pixels (decompression bomb?)") from None
-    except UnidentifiedImageError:
-        raise UserError(f"{path}: not an image file (or a format Pillow cannot read)") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        # truncated or corrupt data: Pillow raises OSError ("image file is truncated") or SyntaxError
-        raise UserError(f"{path}: corrupt or truncated image ({e})") from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = old_limit
-    arr = np.asarray(rgb, dtype=np.float32) / 255.0
+        with bomb_guard(max_pixels), Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except UNREADABLE as e:
+        raise UserError(unreadable_reason(path, e, max_pixels)) from None
+
+
+def load_image(path: Union[str, Path], max_pixels: int = MAX_PIXELS) -> torch.Tensor:
+    """An image file → (3, H, W) float32 in [0, 1], RGB (alpha dropped, greyscale expanded)."""
+    arr = np.asarray(open_rgb(path, max_pixels), dtype=np.float32) / 255.0
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
 
