@@ -441,7 +441,7 @@ def official_tokenizer_overrides(sd: Mapping[str, torch.Tensor]) -> list[str]:
         ch_mult.append(int(w.shape[0]) // ch)
     n_res = len(_indices(sd, "encoder.down.0.block."))
     overrides = [f"tokenizer.ch={ch}", f"tokenizer.vocab_size={vocab}", f"tokenizer.z_channels={z}",
-                 f"tokenizer.alias_vocab_size=0", f"tokenizer.ch_mult=[{', '.join(map(str, ch_mult))}]",
+                 "tokenizer.alias_vocab_size=0", f"tokenizer.ch_mult=[{', '.join(map(str, ch_mult))}]",
                  f"tokenizer.num_res_blocks={n_res}"]
     if any(k.startswith("quantize.quant_resi.qresi_ls.") for k in sd):
         overrides.append(f"tokenizer.share_quant_resi={len(_indices(sd, 'quantize.quant_resi.qresi_ls.'))}")

@@ -27,7 +27,6 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .config import Preset
 from .errors import UserError

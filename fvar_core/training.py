@@ -26,15 +26,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import shutil
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Protocol, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Protocol, Tuple, Union
 
 import numpy as np
 import torch

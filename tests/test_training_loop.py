@@ -3,7 +3,6 @@ the NaN guard, the preset guard and the metrics log."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
