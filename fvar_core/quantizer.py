@@ -149,9 +149,11 @@ class VQOutput:
 
     f_hat:      (B, Cz, H, W) straight-through f̂ (values of f̂, gradient of f) for the decoder.
     vq_loss:    scalar, mean over scales of β·MSE(sg(f̂_k), t_k) + MSE(f̂_k, sg(t_k)), t_k the target.
-    alias_loss: scalar for the alias codebook (same form), or None.
+    alias_loss: scalar for the alias codebook (codebook term only: its input is detached), or None.
     idx / alias_idx: K tensors (B, pn_k²).
     hits_SV:    (K, V) float — how often each structure code was chosen at each scale.
+    alias_energy: scalar mean over scales of MSE(a_k, 0), the alias residual's own size (so
+                alias_loss / alias_energy is the fraction the alias codebook fails to code), or None.
     """
 
     f_hat: torch.Tensor
@@ -160,6 +162,7 @@ class VQOutput:
     idx: List[torch.Tensor]
     alias_idx: Optional[List[torch.Tensor]]
     hits_SV: torch.Tensor
+    alias_energy: Optional[torch.Tensor] = None
 
 
 class MultiScaleQuantizer(nn.Module):
@@ -375,6 +378,7 @@ class MultiScaleQuantizer(nn.Module):
             src, f_rest = None, None
             vq_loss = f.new_zeros(())
             alias_loss = f.new_zeros(()) if Ea is not None else None
+            alias_energy = f.new_zeros(()) if Ea is not None else None
             hits = torch.zeros(K, self.vocab_size, device=f.device)
             idx_list, alias_list = [], ([] if Ea is not None else None)
             for si, pn in enumerate(self.patch_nums):
@@ -393,21 +397,26 @@ class MultiScaleQuantizer(nn.Module):
                 vq_loss = vq_loss + self.beta * F.mse_loss(f_hat.detach(), t) + F.mse_loss(f_hat, t.detach())
 
                 if Ea is not None:
-                    a = self._down(f - t, si)  # (B, Cz, pn, pn), gradient to both encodes
-                    a_idx, _ = nearest_code(_to_NC(a).detach(), Ea.detach())
+                    # The alias codebook learns to code the encoder's alias residual; it does not
+                    # shape the encoder. A commitment term here (gradient into both encodes) lets the
+                    # encoder cancel the residual instead — E(PSF⋆x) → E(x), the loss → 0 within
+                    # tens of steps, and the focus path silently becomes VAR's.
+                    a = self._down(f - t, si).detach()  # (B, Cz, pn, pn)
+                    a_idx, _ = nearest_code(_to_NC(a), Ea.detach())
                     e = F.embedding(a_idx.view(B, pn, pn), Ea).permute(0, 3, 1, 2)
-                    alias_loss = alias_loss + self.beta * F.mse_loss(e.detach(), a) + F.mse_loss(e, a.detach())
+                    alias_loss = alias_loss + F.mse_loss(e, a)
+                    alias_energy = alias_energy + a.square().mean()
                     alias_list.append(a_idx.view(B, pn * pn))
 
             vq_loss = vq_loss / K
             if alias_loss is not None:
-                alias_loss = alias_loss / K
+                alias_loss, alias_energy = alias_loss / K, alias_energy / K
             f_hat_st = (f_hat.detach() - f.detach()) + f  # straight-through to the encoder
 
         if self.training:
             self._update_usage(hits)
         return VQOutput(f_hat=f_hat_st, vq_loss=vq_loss, alias_loss=alias_loss, idx=idx_list,
-                        alias_idx=alias_list, hits_SV=hits)
+                        alias_idx=alias_list, hits_SV=hits, alias_energy=alias_energy)
 
     @torch.no_grad()
     def _update_usage(self, hits_SV: torch.Tensor) -> None:

@@ -77,11 +77,12 @@ def shard_name(s: int) -> str:
     return f"shard-{s:05d}"
 
 
-def weights_sha256(module: torch.nn.Module) -> str:
-    """sha256 over the state dict: for each key in sorted order its name, dtype, shape and raw
-    bytes. Identifies the weights whatever file (or run directory) they came from."""
+def weights_sha256(weights: Union[torch.nn.Module, Dict[str, torch.Tensor]]) -> str:
+    """sha256 over a module's (or a) state dict: for each key in sorted order its name, dtype, shape
+    and raw bytes. Identifies the weights whatever file (or run directory) they came from."""
     h = hashlib.sha256()
-    for k, t in sorted(module.state_dict().items()):
+    sd = weights.state_dict() if isinstance(weights, torch.nn.Module) else weights
+    for k, t in sorted(sd.items()):
         t = t.detach().cpu().contiguous()
         h.update(f"{k}|{t.dtype}|{tuple(t.shape)}\n".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())

@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from fvar_core.config import ModelConfig, TeacherConfig
 from fvar_core.errors import UserError
-from fvar_core.transformer import VAR, attend, scale_block_mask, visibility
+from fvar_core.transformer import VAR, attend, run_block, scale_block_mask, visibility
 
 
 class AliasGateCrossAttention(nn.Module):
@@ -143,12 +143,17 @@ class Teacher(nn.Module):
         mask = net.attention_mask(x.device)
         cross_mask = self._cross_mask(mask)
         feats = []
-        for i, block in enumerate(net.blocks):
+
+        def layer(i: int, x: torch.Tensor) -> torch.Tensor:
+            block = net.blocks[i]
             mods = block.modulation(cond)
             x = block.attn_branch(x, mods, mask)
             if i >= self.first_xattn:
                 x = self.xattn[i - self.first_xattn](x, alias, cross_mask)
-            x = block.ffn_branch(x, mods)
+            return block.ffn_branch(x, mods)
+
+        for i in range(net.depth):
+            x = run_block(net, layer, i, x)
             if i >= net.depth - return_features:
                 feats.append(x)
         logits = net.get_logits(x, cond_BD)

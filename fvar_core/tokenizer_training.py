@@ -77,6 +77,7 @@ class TokenizerTask:
     """The tokenizer mode of `training.fit` (see `training.Task`)."""
 
     kind = "tokenizer"
+    best_metric = "recon"
 
     def __init__(self, preset: Preset, *, sample_images: Optional[torch.Tensor] = None,
                  init_from: Optional[Union[str, Path]] = None, perceptual_weights: Optional[Union[str, Path]] = None,
@@ -106,8 +107,9 @@ class TokenizerTask:
         tok = Tokenizer(self.preset.tokenizer, self.preset.patch_nums)
         if self.init_from is not None:
             from .checkpoints import load_checkpoint
+            from .runs import resolve_checkpoint
 
-            ck = load_checkpoint(self.init_from, expect_kind="tokenizer")
+            ck = load_checkpoint(resolve_checkpoint(self.init_from, "--init-from"), expect_kind="tokenizer")
             sd = {k: v for k, v in ck.state_dict.items() if k not in EXTENSION_KEYS}
             load_official_state_dict(tok, sd)
             for name, p in tok.named_parameters():
@@ -188,6 +190,7 @@ class TokenizerTask:
         if vq.alias_loss is not None:
             loss = loss + c.alias_weight * vq.alias_loss
             metrics["alias_vq"] = vq.alias_loss.detach()
+            metrics["alias_energy"] = vq.alias_energy.detach()
         if self.perceptual is not None and c.perceptual_weight > 0:
             self.perceptual.to(img.device)
             p = self.perceptual(recon, img)

@@ -14,7 +14,10 @@ plugged into `fit`, which owns everything they share.
                        is a function of (seed, e, i)) — so order and crops survive a resume
       run directory    config.yaml (resolved preset), metrics.jsonl, log.txt, samples/,
                        checkpoints/step-XXXXXXX/ (config.json + model.safetensors + training_state.pt,
-                       written atomically by `checkpoints.save_checkpoint`), checkpoints/latest
+                       written atomically by `checkpoints.save_checkpoint`), checkpoints/latest;
+                       the last `keep_last` checkpoints are kept plus the best one (lowest value of
+                       the task's `best_metric` over the log window ending at a checkpoint step;
+                       its name in checkpoints/best)
       resume           the default: the newest complete checkpoint is loaded (weights, optimiser,
                        step, RNG streams of torch/numpy/python, data position, task state)
       guards           a run directory of another preset is refused before anything is written; a
@@ -44,6 +47,7 @@ from .errors import UserError
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
+BEST = "best"
 CONFIG_YAML = "config.yaml"
 METRICS = "metrics.jsonl"
 LOG = "log.txt"
@@ -76,6 +80,7 @@ class Task(Protocol):
         after_step(step) -> dict | None   after each optimiser step (e.g. dead-code restarts)
         log_metrics(step) -> dict         extra entries of the metrics line, at log steps
         on_sample(run_dir, step)          sample grids, every `sample_every` steps (main process)
+        best_metric: str                  metrics entry (lower is better) that picks the best checkpoint
         describe() -> list[str]           lines for the log at start
     """
 
@@ -332,7 +337,8 @@ def check_run_dir(run_dir: Path, preset: Preset) -> Optional[Dict[str, Any]]:
     if not run_dir.is_dir():
         return None
     stored = check_same_run(run_dir, preset)
-    if stored is None and any(p.name not in (LOG, METRICS, CHECKPOINTS, "samples", "classes.json")
+    if stored is None and any(p.name not in (LOG, METRICS, CHECKPOINTS, "samples", "classes.json", "tokenizer",
+                                             ".tokenizer.tmp", "teacher")
                               for p in run_dir.iterdir()):
         raise UserError(f"{run_dir} exists and is not an fvar run directory (no {CONFIG_YAML}); choose another --out")
     return stored
@@ -445,6 +451,8 @@ def fit(task: Task, data: Any, run_dir: Union[str, Path], cfg: Any, preset: Pres
 
     # 3. Resume.
     start, resumed_from, last_ckpt, position = 0, None, None, 0
+    best_metric = getattr(task, "best_metric", None)
+    best: Optional[Dict[str, Any]] = None  # {"metric", "value", "step"} of the best checkpoint so far
     if ckpts:
         step0, path = ckpts[-1]
         ck = load_checkpoint(path, expect_kind=task.kind)
@@ -461,6 +469,7 @@ def fit(task: Task, data: Any, run_dir: Union[str, Path], cfg: Any, preset: Pres
         if acc.process_index >= len(rngs):
             torch.manual_seed(S.seed + 7919 * acc.process_index)  # a new rank: a new, seeded stream
         start, position = int(state["step"]), int(state["data_position"])
+        best = state.get("best")
         resumed_from, last_ckpt = start, path
     elif acc.num_processes > 1:
         torch.manual_seed(S.seed + 7919 * acc.process_index)
@@ -490,20 +499,29 @@ def fit(task: Task, data: Any, run_dir: Union[str, Path], cfg: Any, preset: Pres
                  f"{'fp32' if mp == 'no' else mp})")
 
     def save(step: int) -> Path:
-        nonlocal last_ckpt
+        nonlocal last_ckpt, best
         rngs = _gather_objects(acc, _rng_state(dev))
         extra = task.extra_state() if hasattr(task, "extra_state") else None
+        # "best" = the lowest `best_metric` of the log window that ends at a checkpoint
+        value = last_metrics.get(best_metric) if last_metrics.get("step") == step else None
+        is_best = isinstance(value, float) and math.isfinite(value) and (best is None or value < best["value"])
+        if is_best:
+            best = {"metric": best_metric, "value": value, "step": step}
         if main:
             state = {"version": STATE_VERSION, "mode": mode, "step": step,
                      "data_position": step * S.batch_size, "optimizer": opt.state_dict(),
-                     "scheduler": {"name": S.schedule, "step": step}, "rng": rngs, "task": extra}
+                     "scheduler": {"name": S.schedule, "step": step}, "rng": rngs, "task": extra,
+                     "best": best}
             prov = {"source": "fvar training", "mode": mode, "step": step, **dict(provenance or {})}
             root = run_dir / CHECKPOINTS
             final = save_checkpoint(root / _step_name(step), kind=task.kind, preset=preset,
                                     state_dict=task.state_dict(), provenance=prov, training_state=state)
             atomic_write_bytes(root / LATEST, (final.name + "\n").encode())
+            if is_best:
+                atomic_write_bytes(root / BEST, (final.name + "\n").encode())
+            keep = _step_name(best["step"]) if best else None
             for _, old in complete_checkpoints(run_dir)[:-S.keep_last]:
-                if old != final:
+                if old != final and old.name != keep:
                     shutil.rmtree(old, ignore_errors=True)
             last_ckpt = final
         acc.wait_for_everyone()
@@ -586,6 +604,16 @@ def fit(task: Task, data: Any, run_dir: Union[str, Path], cfg: Any, preset: Pres
         if progress is not None:
             progress.stop()
         del it
+    if acc.num_processes > 1:
+        # DDP keeps replicas equal by construction; check it, since a divergence (a rank-local
+        # update, a non-deterministic op) would silently train N different models.
+        from .shards import weights_sha256
+
+        digests = _gather_objects(acc, weights_sha256(task.state_dict()))
+        if len(set(digests)) > 1:
+            raise UserError(f"the {acc.num_processes} processes ended with different weights ({digests}): "
+                            f"a bug or a non-deterministic operation; report it")
+        log.info(f"all {acc.num_processes} processes hold identical weights (sha256 {digests[0][:16]})")
     if resumed_from is not None and resumed_from >= S.steps:
         log.info(f"{run_dir} already has {resumed_from} of {S.steps} steps; nothing to do")
     else:

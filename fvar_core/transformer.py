@@ -281,6 +281,15 @@ class AdaLNBeforeHead(nn.Module):
 # VAR
 # ------------------------------------------------------------------------------------------------
 
+def run_block(owner: nn.Module, fn, *args):
+    """fn(*args), under activation checkpointing when owner.activation_checkpointing and training."""
+    if owner.training and getattr(owner, "activation_checkpointing", False) and torch.is_grad_enabled():
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
 class VAR(nn.Module):
     """Class-conditional next-scale transformer, state-dict compatible with the official VAR.
 
@@ -327,6 +336,8 @@ class VAR(nn.Module):
         self.head_nm = AdaLNBeforeHead(C, cfg.norm_eps)
         self.head = nn.Linear(C, vocab_size)
         self._block_masks: dict = {}  # (L, device) -> BlockMask; not state
+        # Recompute each block's activations in the backward pass (training only): memory for compute.
+        self.activation_checkpointing = False
         self.init_weights()
 
     @classmethod
@@ -431,7 +442,7 @@ class VAR(nn.Module):
         mask = self.attention_mask(x.device)
         feats = []
         for i, block in enumerate(self.blocks):
-            x = block(x, cond, mask)
+            x = run_block(self, block, x, cond, mask)
             if i >= self.depth - return_features:
                 feats.append(x)
         logits = self.get_logits(x, cond_BD)

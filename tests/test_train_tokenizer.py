@@ -2,50 +2,21 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image, ImageDraw
 
 from fvar_core.presets import load_preset
 from fvar_core.schedules import radii
 from fvar_core.tokenizer_training import TokenizerTask, train_tokenizer
 from fvar_core.training import complete_checkpoints
 
+from .helpers import make_folder
+
 # A raised lr and frequent dead-code restarts so 150 CPU steps show real learning.
 FAST = ["tokenizer_train.lr=3e-3", "tokenizer_train.batch_size=4", "tokenizer_train.dead_code_every=25", "tokenizer_train.log_every=10",
         "tokenizer_train.ckpt_every=50", "tokenizer_train.sample_every=50", "tokenizer_train.precision=fp32"]
-
-
-def make_folder(root: Path, per_class: int = 8, size: int = 80, corrupt: int = 0) -> Path:
-    """2 classes of shapes, gradients and text-like strokes; `corrupt` unreadable files added."""
-    rng = random.Random(0)
-    for c, name in enumerate(("shapes", "strokes")):
-        d = root / name
-        d.mkdir(parents=True)
-        for i in range(per_class):
-            im = Image.new("RGB", (size, size + 8 * (i % 3)))
-            px = im.load()
-            a, b, e = (rng.randrange(256) for _ in range(3))
-            for y in range(im.height):  # a smooth colour ramp under the shapes / strokes
-                for x in range(im.width):
-                    px[x, y] = (a + (255 - a) * x // im.width, b * (im.height - y) // im.height, e)
-            dr = ImageDraw.Draw(im)
-            for _ in range(4):
-                x0, y0 = rng.randrange(size - 20), rng.randrange(size - 20)
-                col = tuple(rng.randrange(256) for _ in range(3))
-                if c == 0:
-                    (dr.ellipse if rng.random() < 0.5 else dr.rectangle)(
-                        [x0, y0, x0 + rng.randrange(8, 20), y0 + rng.randrange(8, 20)], fill=col)
-                else:
-                    dr.text((x0, y0), "fvar" if rng.random() < 0.5 else "VAR 1k", fill=col)
-                    dr.line([x0, y0, x0 + 18, y0 + rng.randrange(-9, 9)], fill=col, width=1)
-            im.save(d / f"{i:02d}.png")
-    for j in range(corrupt):
-        (root / "shapes" / f"broken{j}.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
-    return root
 
 
 def _metrics(run: Path):
@@ -162,3 +133,27 @@ def test_init_from_a_tokenizer_checkpoint_trains_only_the_alias_codebook(tmp_pat
     loss, _ = task.step((torch.rand(2, 3, 64, 64) * 2 - 1, torch.zeros(2)), 0)
     loss.backward()
     assert tok.quantize.alias_embedding.weight.grad.abs().sum() > 0
+
+
+def test_alias_codebook_codes_part_of_the_alias_residual(trained):
+    _, run, _ = trained
+    m = _metrics(run)
+    rel = sum(x["alias_vq"] / x["alias_energy"] for x in m[-10:]) / 10
+    assert rel < 0.9, rel  # the 16-code alias codebook removes more than 10% of the residual's energy
+
+
+def test_alias_loss_trains_the_alias_codebook_and_nothing_else():
+    """The alias codebook codes the encoder's alias residual; it must not shape the encoder (a
+    commitment gradient into both encodes would let the encoder cancel the residual and turn the
+    focus path into VAR's). Its loss reaches the alias codebook and no other parameter."""
+    preset = load_preset("tiny-64")
+    torch.manual_seed(0)
+    task = TokenizerTask(preset)
+    tok = task.build()
+    img = torch.rand(2, 3, 64, 64) * 2 - 1
+    _, vq = tok(img, task.focus_images(img))
+    assert vq.alias_loss > 0
+    vq.alias_loss.backward()
+    grads = {n: p.grad for n, p in tok.named_parameters()}
+    assert grads.pop("quantize.alias_embedding.weight").abs().sum() > 0
+    assert all(g is None or not g.any() for g in grads.values()), [n for n, g in grads.items() if g is not None and g.any()]

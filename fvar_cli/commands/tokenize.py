@@ -7,30 +7,8 @@ from typing import Optional
 import typer
 
 
-def _device(name: str):
-    import torch
-
-    from fvar_core.errors import UserError
-
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device '{name}' (auto, cpu, cuda, cuda:N or mps)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA device available (use --device cpu)")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
-    return dev
-
-
 def tokenize(
-    tokenizer: Path = typer.Option(..., "--tokenizer", "-t", help="Tokenizer checkpoint directory."),
+    tokenizer: Path = typer.Option(..., "--tokenizer", "-t", help="Tokenizer checkpoint, or a train-tokenizer run (its newest checkpoint)."),
     data: Path = typer.Option(..., "--data", "-d", help="Image folder: one sub-folder per class."),
     out: Path = typer.Option(..., "--out", "-o", help="Token-shard folder to write (resumed if it exists)."),
     flip: bool = typer.Option(False, "--flip", help="Also store each image's horizontal mirror (2 items per image)."),
@@ -54,12 +32,14 @@ def tokenize(
         TimeRemainingColumn
 
     from fvar_core.checkpoints import build_tokenizer, load_checkpoint
+    from fvar_core.devices import pick_device
+    from fvar_core.runs import resolve_checkpoint
     from fvar_core.data import ImageFolderDataset, scan_image_folder, validate, validation_report
     from fvar_core.shards import tokenize_dataset
 
     err = Console(stderr=True)
-    dev = _device(device)
-    ckpt = load_checkpoint(tokenizer, expect_kind="tokenizer")
+    dev = pick_device(device)
+    ckpt = load_checkpoint(resolve_checkpoint(tokenizer, "--tokenizer"), expect_kind="tokenizer")
     preset = ckpt.preset
     tok = build_tokenizer(ckpt)
     index = scan_image_folder(data)

@@ -1,0 +1,70 @@
+"""`fvar train` (the student alone) and `fvar distill` (teacher + student online)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from ..options import PresetOption, SetOption, resolve
+
+TokensOption = typer.Option(None, "--tokens", help="Token shards from `fvar tokenize` (no VAE in the step).")
+DataOption = typer.Option(None, "--data", "-d", help="Image folder, encoded on the fly (needs --tokenizer).")
+TokenizerOption = typer.Option(
+    None, "--tokenizer", "-t", help="Tokenizer checkpoint or run; with --tokens, overrides the one the shards name.")
+OutOption = typer.Option(None, "--out", "-o", help="Run directory [$FVAR_RUNS or ./runs]/<preset>-<mode>; "
+                                                   "an existing run there is resumed.")
+StepsOption = typer.Option(None, "--steps", min=1, help="Total optimiser steps [preset's train.steps].")
+BatchOption = typer.Option(None, "--batch", min=1, help="Global batch size [preset's train.batch_size].")
+DeviceOption = typer.Option(None, "--device", help="cpu or cuda [CUDA when available]; multi-GPU: `accelerate launch`.")
+WorkersOption = typer.Option(None, "--workers", min=0, help="Data-loading processes [preset's data.num_workers].")
+
+
+def _run(mode: str, preset: str, overrides, tokens, data, tokenizer, out, steps, batch, device, workers,
+         save_teacher: bool = False) -> None:
+    from fvar_core.runs import default_run_dir
+    from fvar_core.transformer_training import train_transformer
+
+    extra = ([f"train.steps={steps}"] if steps is not None else []) + \
+            ([f"train.batch_size={batch}"] if batch is not None else [])
+    cfg = resolve(preset, overrides, *extra)
+    run_dir = out if out is not None else default_run_dir(cfg.name, mode)
+    typer.echo(f"run directory: {run_dir}")
+    res = train_transformer(cfg, run_dir, distill=mode == "distill", tokens=tokens, data=data, tokenizer=tokenizer,
+                            save_teacher=save_teacher, device=device, num_workers=workers)
+    m = res.metrics
+    tail = "".join(f", {k} {m[k]:.4f}" for k in ("loss", "student_ce", "teacher_ce", "acc") if k in m)
+    typer.echo(f"student at step {res.step}: {res.checkpoint}{tail}")
+
+
+def train(
+    tokens: Optional[Path] = TokensOption,
+    data: Optional[Path] = DataOption,
+    tokenizer: Optional[Path] = TokenizerOption,
+    out: Optional[Path] = OutOption,
+    preset: str = PresetOption,
+    steps: Optional[int] = StepsOption,
+    batch: Optional[int] = BatchOption,
+    device: Optional[str] = DeviceOption,
+    workers: Optional[int] = WorkersOption,
+    overrides: Optional[List[str]] = SetOption,
+) -> None:
+    """Train the VAR student alone (plain VAR with pyramid.kernel=area, or FVAR 'w/o teacher'); resumes."""
+    _run("train", preset, overrides, tokens, data, tokenizer, out, steps, batch, device, workers)
+
+
+def distill(
+    tokens: Optional[Path] = TokensOption,
+    data: Optional[Path] = DataOption,
+    tokenizer: Optional[Path] = TokenizerOption,
+    out: Optional[Path] = OutOption,
+    preset: str = PresetOption,
+    steps: Optional[int] = StepsOption,
+    batch: Optional[int] = BatchOption,
+    device: Optional[str] = DeviceOption,
+    workers: Optional[int] = WorkersOption,
+    save_teacher: bool = typer.Option(False, "--save-teacher", help="Also write the teacher to <run>/teacher."),
+    overrides: Optional[List[str]] = SetOption,
+) -> None:
+    """Train teacher (reads alias tokens) and student online; checkpoints hold the student (vanilla VAR)."""
+    _run("distill", preset, overrides, tokens, data, tokenizer, out, steps, batch, device, workers, save_teacher)
