@@ -202,10 +202,18 @@ class PeakMemory:
 
 def count_flops(fn: Callable[[], Any]) -> int:
     """FLOPs of one call of `fn` as torch's FlopCounterMode counts them (matmuls, convolutions,
-    attention: 2 per multiply-add; elementwise work is not counted). Runs fn once."""
-    from torch.utils.flop_counter import FlopCounterMode
+    attention — dense, whatever the mask: 2 per multiply-add; elementwise work is not counted).
+    Runs fn once."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-    counter = FlopCounterMode(display=False)
+    # torch registers formulas for the CUDA attention kernels only; CPU's fused SDPA is the same
+    # arithmetic, so count it the same way (otherwise CPU counts miss all attention FLOPs).
+    aten = torch.ops.aten
+    cpu_sdpa = {aten._scaled_dot_product_flash_attention_for_cpu:
+                lambda q, k, v, *a, out_shape=None, **kw: sdpa_flop_count(q, k, v),
+                aten._scaled_dot_product_flash_attention_for_cpu_backward:
+                lambda g, q, k, v, *a, out_shape=None, **kw: sdpa_backward_flop_count(g, q, k, v)}
+    counter = FlopCounterMode(display=False, custom_mapping=cpu_sdpa)
     with counter:
         fn()
     return int(counter.get_total_flops())
@@ -280,3 +288,169 @@ def bench_sample(var, tokenizer, settings, *, batch: int, steps: int, warmup: in
                                 "total": (f_model + f_dec) / 1e9}
         out["achieved_tflop_per_s"] = (f_model + f_dec) * batch / totals.median / 1e12
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# fvar bench train
+# ------------------------------------------------------------------------------------------------
+
+# Dense bf16 tensor-core peaks (TFLOP/s, vendor data sheets, no sparsity) for MFU when --peak-tflops
+# is not given. Matched against torch.cuda.get_device_name, first hit wins (H200 before H100 …).
+PEAK_BF16_TFLOPS = (("H200", 989.0), ("H100", 989.0), ("H800", 989.0), ("GH200", 989.0), ("B200", 2250.0),
+                    ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("L40", 181.0), ("A6000", 155.0),
+                    ("RTX 4090", 165.0), ("A10", 125.0), ("L4", 121.0), ("V100", 125.0))
+
+
+def detect_peak_tflops(device: torch.device) -> Optional[Dict[str, Any]]:
+    """{'tflops', 'source'} for a GPU named in PEAK_BF16_TFLOPS, else None (CPU, unknown GPU)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in PEAK_BF16_TFLOPS:
+        if key in name:
+            return {"tflops": tflops, "source": f"data sheet, dense bf16, matched '{key}' in '{name}'"}
+    return None
+
+
+class RandomTokens(torch.utils.data.Dataset):
+    """n items shaped like token shards (structure (L,), alias (L,) or (0,), label), uniformly
+    random and a function of (seed, i): a training step's work does not depend on token values."""
+
+    def __init__(self, n: int, seq_len: int, vocab: int, alias_vocab: int, num_classes: int, seed: int = 0):
+        self.n, self.L, self.V, self.Va, self.nc, self.seed = n, seq_len, vocab, alias_vocab, num_classes, seed
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        structure = torch.randint(self.V, (self.L,), generator=g)
+        alias = torch.randint(self.Va, (self.L,), generator=g) if self.Va else torch.zeros(0, dtype=torch.long)
+        return structure, alias, int(torch.randint(self.nc, (1,), generator=g))
+
+
+def bench_train(preset, *, distill: bool = False, batch: int = 64, steps: int = 10, warmup: int = 3,
+                device: Optional[str] = None, peak_tflops: Optional[float] = None,
+                flops: bool = True) -> Dict[str, Any]:
+    """Time the real training loop (`training.fit` with `VARTask`: autocast, backward, clipping,
+    fused AdamW on CUDA, the preset's compile / activation-checkpointing switches) on random tokens,
+    no checkpoints written. `warmup` untimed steps (compilation happens there), then `steps` timed
+    ones, each timed by the loop itself (it reads the loss back every step, so step times are real).
+
+    Returns img/s and step ms (medians over the timed steps), peak memory over the run, model
+    FLOPs per image (forward + backward, counted once at batch 1 by FlopCounterMode), achieved
+    TFLOP/s and MFU against `peak_tflops` (given, or detected for known GPUs; None on CPU)."""
+    import json
+    import tempfile
+
+    from rich.console import Console
+
+    from .tokenizer import Tokenizer
+    from .training import fit
+    from .transformer_training import VARTask
+
+    p = preset
+    train = p.train.model_copy(update={"steps": warmup + steps, "batch_size": batch, "log_every": 1,
+                                       "sample_every": 0, "grad_accum": 1})
+    p = p.model_copy(update={"train": train})
+    torch.manual_seed(0)
+    tok = Tokenizer.from_config(p.tokenizer, p.patch_nums)
+    data = RandomTokens(batch * (warmup + steps), p.seq_len, p.tokenizer.vocab_size,
+                        p.tokenizer.alias_tokens if distill else 0, p.model.num_classes)
+    task = VARTask(p, tok, distill=distill, source="tokens")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    with tempfile.TemporaryDirectory(prefix="fvar-bench-") as tmp, PeakMemory(dev) as mem:
+        fit(task, data, Path(tmp) / "run", train, p, "distill" if distill else "train", device=str(dev),
+            console=Console(quiet=True, force_terminal=False), num_workers=0, checkpoints=False)
+        lines = [json.loads(x) for x in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+    timed = Timings([batch / line["img_per_s"] for line in lines[warmup:]])
+    out: Dict[str, Any] = {
+        "img_per_s": batch / timed.median,
+        "step_ms": 1e3 * timed.median,
+        "step_seconds": timed.summary(),
+        "warmup_seconds": sum(batch / line["img_per_s"] for line in lines[:warmup]),
+        "peak_memory": mem.summary(),
+        "final_loss": lines[-1]["loss"],
+    }
+    if flops:
+        f_img = count_train_flops(task, data[0], dev)
+        out["tflop_per_img"] = f_img / 1e12
+        out["achieved_tflop_per_s"] = f_img * out["img_per_s"] / 1e12
+        peak = {"tflops": peak_tflops, "source": "--peak-tflops"} if peak_tflops else detect_peak_tflops(dev)
+        out["peak"] = peak
+        out["mfu"] = out["achieved_tflop_per_s"] / peak["tflops"] if peak else None
+    return out
+
+
+def count_train_flops(task, item, device: torch.device) -> int:
+    """Model FLOPs of one training step's forward + backward for one item (B = 1), fp32, counted
+    on the task's (already trained-on) model without torch.compile (FlopCounterMode: matmuls,
+    convolutions, attention)."""
+    from .training import _to_device
+
+    compiled, task.run = task.run, task.model
+    try:
+        task.model.train()
+        batch = _to_device(tuple(torch.as_tensor(x).unsqueeze(0) for x in item), device)
+
+        def step() -> None:
+            loss, _ = task.step(batch, 0)
+            loss.backward()
+
+        return count_flops(step)
+    finally:
+        task.run = compiled
+
+
+
+# ------------------------------------------------------------------------------------------------
+# Result documents (what `fvar bench … --json` writes)
+# ------------------------------------------------------------------------------------------------
+
+def sample_benchmark(*, preset=None, ckpt: Optional[PathLike] = None, tokenizer: Optional[PathLike] = None,
+                     device: torch.device, batch: int, steps: int, warmup: int, flops: bool,
+                     cfg: Optional[float] = None, top_k: Optional[int] = None,
+                     top_p: Optional[float] = None) -> Dict[str, Any]:
+    """`fvar bench sample`: a preset with random-init weights (no checkpoint needed) or a var
+    checkpoint with its tokenizer; the result document (machine, model, settings, results)."""
+    from .sampler import load_models, settings_from
+    from .tokenizer import Tokenizer
+    from .transformer import VAR
+
+    if (preset is None) == (ckpt is None):
+        raise UserError("give exactly one of --preset NAME (random-init weights) or --ckpt CKPT")
+    if preset is not None:
+        p = preset
+        torch.manual_seed(0)
+        var = VAR.from_config(p.model, p.patch_nums, p.tokenizer.vocab_size, p.tokenizer.z_channels).to(device).eval()
+        tok = Tokenizer.from_config(p.tokenizer, p.patch_nums).to(device).eval()
+        source: Dict[str, Any] = {"source": "preset (random-init weights)", "preset": p.name}
+    else:
+        models = load_models(ckpt, tokenizer, device)
+        var, tok, p = models.var, models.tokenizer, models.preset
+        source = {"source": "checkpoint", "preset": p.name, "checkpoint": models.identity["checkpoint"]}
+    settings = settings_from(p.sample, cfg=cfg, top_k=top_k, top_p=top_p)
+    res = bench_sample(var, tok, settings, batch=batch, steps=steps, warmup=warmup, flops=flops)
+    return {"benchmark": "sample", "created": utc_now(), "machine": machine(device),
+            "model": {**source, "params": sum(x.numel() for x in var.parameters()), "depth": p.model.depth,
+                      "width": p.model.width, "resolution": p.resolution, "seq_len": p.seq_len,
+                      "patch_nums": list(p.patch_nums)},
+            "settings": {**settings.model_dump(mode="json", exclude={"batch_size"}), "batch": batch, "steps": steps,
+                         "warmup": warmup, "precision": "bf16 autocast" if device.type == "cuda" else "fp32"},
+            "results": res}
+
+
+def train_benchmark(preset, *, device: torch.device, distill: bool, batch: int, steps: int, warmup: int,
+                    flops: bool, peak_tflops: Optional[float] = None) -> Dict[str, Any]:
+    """`fvar bench train`: `bench_train` wrapped in the result document."""
+    p = preset
+    res = bench_train(p, distill=distill, batch=batch, steps=steps, warmup=warmup, device=str(device),
+                      peak_tflops=peak_tflops, flops=flops)
+    return {"benchmark": "train", "created": utc_now(), "machine": machine(device),
+            "model": {"preset": p.name, "mode": "distill" if distill else "train", "depth": p.model.depth,
+                      "width": p.model.width, "resolution": p.resolution, "seq_len": p.seq_len},
+            "settings": {"batch": batch, "steps": steps, "warmup": warmup,
+                         "precision": p.train.precision if device.type == "cuda" else "fp32",
+                         "compile": p.train.compile, "activation_checkpointing": p.train.activation_checkpointing},
+            "results": res}

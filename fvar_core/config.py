@@ -52,6 +52,12 @@ class TokenizerConfig(_Strict):
     def downsample(self) -> int:
         return 2 ** (len(self.ch_mult) - 1)
 
+    @property
+    def alias_tokens(self) -> int:
+        """Distinct alias token values (the teacher's alias vocabulary): the structure codebook's
+        size with shared_codebook (the "shared tokenizer" ablation), else alias_vocab_size; 0 = none."""
+        return self.vocab_size if self.shared_codebook else self.alias_vocab_size
+
     @field_validator("ch_mult")
     @classmethod
     def _positive(cls, v: tuple[int, ...]) -> tuple[int, ...]:

@@ -157,6 +157,14 @@ def validate(raw: dict[str, Any], where: str) -> Preset:
         raise UserError(format_validation_error(where, e)) from None
 
 
+def override_preset(preset: Preset, overrides: Iterable[str], where: str) -> Preset:
+    """An already-resolved preset (e.g. a checkpoint's) with `--set` overrides, validated again."""
+    overrides = list(overrides)
+    if not overrides:
+        return preset
+    return validate(apply_overrides(preset.model_dump(mode="json"), overrides), f"{where} with --set overrides")
+
+
 def load_preset(name_or_path: str, overrides: Iterable[str] = ()) -> Preset:
     """Resolve, override and validate a preset; every failure is a one-line UserError."""
     overrides = list(overrides)

@@ -338,7 +338,7 @@ def shard_meta(preset: Preset, tokenizer, index, flip: bool, batch_size: int,
                tokenizer_path: Optional[Union[str, Path]] = None) -> Dict[str, Any]:
     """The manifest's identity fields for encoding `index` with `tokenizer` under `preset`."""
     tcfg = tokenizer.cfg
-    alias_vocab = tcfg.vocab_size if tcfg.shared_codebook else tcfg.alias_vocab_size
+    alias_vocab = tcfg.alias_tokens
     return {
         "patch_nums": list(preset.patch_nums),
         "seq_len": preset.seq_len,

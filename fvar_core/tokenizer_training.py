@@ -314,9 +314,7 @@ def train_tokenizer(preset: Preset, data_root: Union[str, Path], run_dir: Union[
     notes = [f"data: {data_root}: {len(good)} images in {len(good.classes)} classes"]
     if bad:
         notes.append(validation_report(bad, len(index)))
-    check_run_dir(run_dir, preset)  # before writing anything into another run's directory
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_class_index(run_dir / "classes.json", good.classes)
+    check_run_dir(run_dir, preset)  # before the slow set-up; `fit` writes the files (main process)
 
     seed = preset.tokenizer_train.seed
     data = ImageFolderDataset.from_config(good, preset.resolution, preset.data, train=True, seed=seed)
@@ -330,4 +328,4 @@ def train_tokenizer(preset: Preset, data_root: Union[str, Path], run_dir: Union[
     prov = {"data": str(Path(data_root).resolve()), "data_fingerprint": good.fingerprint(),
             "init_from": str(init_from) if init_from else None}
     return fit(task, data, run_dir, preset.tokenizer_train, preset, "tokenizer", device=device, console=console,
-               provenance=prov)
+               provenance=prov, prepare=lambda d: write_class_index(d / "classes.json", good.classes))

@@ -35,7 +35,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Protocol, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Protocol, Tuple, Union
 
 import numpy as np
 import torch
@@ -387,6 +387,7 @@ class FitResult:
     resumed_from: Optional[int]             # the checkpoint step a resumed run started at
     checkpoint: Optional[Path]              # the last checkpoint written or loaded
     metrics: Dict[str, Any] = field(default_factory=dict)  # the last metrics line
+    main_process: bool = True               # False on the other ranks of a multi-process run
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -403,13 +404,17 @@ def _scalar(v: Any) -> Any:
 # ------------------------------------------------------------------------------------------ fit
 def fit(task: Task, data: Any, run_dir: Union[str, Path], cfg: Any, preset: Preset, mode: str, *,
         device: Optional[str] = None, console: Any = None, num_workers: Optional[int] = None,
-        provenance: Optional[Mapping[str, Any]] = None) -> FitResult:
+        provenance: Optional[Mapping[str, Any]] = None, checkpoints: bool = True,
+        prepare: Optional[Callable[[Path], None]] = None) -> FitResult:
     """Train `task` on `data` (a map-style dataset) for cfg.steps optimiser steps in `run_dir`.
 
     cfg: the preset's section for this mode (`preset.tokenizer_train` or `preset.train`);
     mode: "tokenizer" / "train" / "distill" (recorded in checkpoint provenance; a checkpoint of
     another mode is refused on resume). device: None = CUDA when available, else "cpu".
     Resumes from the newest complete checkpoint in run_dir. Returns a FitResult.
+    checkpoints=False writes none (`fvar bench train` times the loop without its I/O).
+    prepare(run_dir) writes the caller's own run files (class index, tokenizer copy): on the main
+    process only, after every rank has checked the directory, before any rank trains.
     """
     from accelerate import Accelerator
 
@@ -422,15 +427,24 @@ def fit(task: Task, data: Any, run_dir: Union[str, Path], cfg: Any, preset: Pres
     mp = {"bf16": "bf16", "fp16": "fp16"}.get(S.precision, "no") if use_cuda else "no"
     acc = Accelerator(cpu=not use_cuda, mixed_precision=mp)
     dev, main = acc.device, acc.is_main_process
+    sharded = str(acc.distributed_type).rsplit(".", 1)[-1]
+    if sharded in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        # Checkpoints, the "ranks agree" check and sample grids read full state dicts on one rank:
+        # right for replicated (DDP) weights, wrong for sharded ones. Refuse rather than save shards.
+        raise UserError(f"accelerate is configured for {sharded}; fvar's loop supports one device and DDP "
+                        f"(accelerate launch --multi_gpu) so far: choose DDP in `accelerate config`")
 
     # 1. The run directory: refuse another run's before touching anything.
     check_run_dir(run_dir, preset)
     ckpts = complete_checkpoints(run_dir) if run_dir.is_dir() else []
+    acc.wait_for_everyone()  # every rank has read the directory before the main process writes to it
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(run_dir / CONFIG_YAML, preset_to_yaml(preset).encode())
         for leftover in (run_dir / CHECKPOINTS).glob(".step-*") if (run_dir / CHECKPOINTS).is_dir() else []:
             shutil.rmtree(leftover, ignore_errors=True)  # temporaries of an interrupted save
+        if prepare is not None:
+            prepare(run_dir)
     acc.wait_for_everyone()
     log = RunLog(run_dir, console, enabled=main)
 
@@ -598,7 +612,7 @@ def fit(task: Task, data: Any, run_dir: Union[str, Path], cfg: Any, preset: Pres
                 model.eval()
                 task.on_sample(run_dir, done)
                 model.train()
-            if done % S.ckpt_every == 0 or done == S.steps:
+            if checkpoints and (done % S.ckpt_every == 0 or done == S.steps):
                 save(done)
     finally:
         if progress is not None:
@@ -619,7 +633,7 @@ def fit(task: Task, data: Any, run_dir: Union[str, Path], cfg: Any, preset: Pres
     else:
         log.info(f"done: {S.steps} steps, checkpoint {last_ckpt}")
     return FitResult(run_dir=run_dir, step=max(start, S.steps), resumed_from=resumed_from, checkpoint=last_ckpt,
-                     metrics=last_metrics)
+                     metrics=last_metrics, main_process=main)
 
 
 def _gather_objects(acc: Any, obj: Any) -> List[Any]:

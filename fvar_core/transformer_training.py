@@ -117,9 +117,18 @@ def check_shards_fit(preset: Preset, shards: Any, distill: bool) -> None:
     if int(m["vocab_size"]) != preset.tokenizer.vocab_size:
         raise UserError(f"{where} use a vocabulary of {m['vocab_size']} codes, preset {preset.name} "
                         f"{preset.tokenizer.vocab_size} (tokenizer.vocab_size)")
-    if int(m["alias_vocab_size"]) != preset.tokenizer.alias_vocab_size:
+    if int(m["alias_vocab_size"]) != preset.tokenizer.alias_tokens:
         raise UserError(f"{where} have an alias vocabulary of {m['alias_vocab_size']}, preset {preset.name} "
-                        f"{preset.tokenizer.alias_vocab_size} (tokenizer.alias_vocab_size)")
+                        f"{preset.tokenizer.alias_tokens} (tokenizer.alias_vocab_size / shared_codebook)")
+    made = (m.get("preset_config") or {}).get("pyramid")
+    if made is not None:
+        mine = preset.pyramid.model_dump(mode="json")
+        diff = [k for k in mine if made.get(k) != mine[k]]
+        if diff:
+            k = diff[0]
+            raise UserError(f"{where} were encoded with pyramid.{k} {made.get(k)}, preset {preset.name} says {mine[k]}: "
+                            f"tokens carry their pyramid, so tokenize again (fvar tokenize --set pyramid.{k}=…) or "
+                            f"train with --set pyramid.{k}={made.get(k)}")
     if distill and not shards.has_alias:
         raise UserError(f"{where} hold no alias tokens: distillation needs a tokenizer with an alias codebook")
     labels = shards.labels()
@@ -149,7 +158,7 @@ class VARTask:
         if distill and not preset.teacher.enabled:
             raise UserError(f"preset {preset.name} has teacher.enabled false (the 'w/o teacher' ablation): "
                             f"train it with `fvar train`")
-        if distill and not preset.tokenizer.alias_vocab_size:
+        if distill and not preset.tokenizer.alias_tokens:
             raise UserError(f"preset {preset.name} has no alias codebook (tokenizer.alias_vocab_size 0): "
                             f"nothing for a teacher to read; train it with `fvar train`")
         self.preset, self.cfg = preset, preset.train
@@ -171,7 +180,7 @@ class VARTask:
         if not self.distill:
             self.teacher = None
             return student
-        teacher = Teacher.from_student(student, p.teacher, p.tokenizer.alias_vocab_size)
+        teacher = Teacher.from_student(student, p.teacher, p.tokenizer.alias_tokens)
         teacher.net.activation_checkpointing = self.cfg.activation_checkpointing
         self.teacher = teacher
         return StudentTeacher(student, teacher, p.teacher.feat_blocks)
@@ -286,16 +295,25 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def install_tokenizer(run_dir: Path, tokenizer_ckpt: Path) -> Path:
-    """<run>/tokenizer: one copy (a hard link where possible) of the tokenizer checkpoint the run
-    trains on; a run resumed with another tokenizer is refused."""
-    from .checkpoints import CONFIG_NAME, WEIGHTS_NAME, sha256_file
+def check_run_tokenizer(run_dir: Path, tokenizer_ckpt: Path) -> str:
+    """The sha256 of the tokenizer's weights; a UserError if run_dir was trained with another one."""
+    from .checkpoints import WEIGHTS_NAME, sha256_file
 
     dst = run_dir / TOKENIZER_DIR
     want = sha256_file(tokenizer_ckpt / WEIGHTS_NAME)
+    if (dst / WEIGHTS_NAME).is_file() and sha256_file(dst / WEIGHTS_NAME) != want:
+        raise UserError(f"{run_dir} was trained with another tokenizer ({dst}); choose another --out")
+    return want
+
+
+def install_tokenizer(run_dir: Path, tokenizer_ckpt: Path) -> Path:
+    """<run>/tokenizer: one copy (a hard link where possible) of the tokenizer checkpoint the run
+    trains on; a run resumed with another tokenizer is refused."""
+    from .checkpoints import CONFIG_NAME, WEIGHTS_NAME
+
+    dst = run_dir / TOKENIZER_DIR
+    check_run_tokenizer(run_dir, tokenizer_ckpt)
     if (dst / WEIGHTS_NAME).is_file():
-        if sha256_file(dst / WEIGHTS_NAME) != want:
-            raise UserError(f"{run_dir} was trained with another tokenizer ({dst}); choose another --out")
         return dst
     tmp = run_dir / f".{TOKENIZER_DIR}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -372,21 +390,22 @@ def train_transformer(preset: Preset, run_dir: Union[str, Path], *, distill: boo
         if want and weights_sha256(tok) != want:
             raise UserError(f"tokenizer {tok_ck.path} is not the one that wrote {tokens} (its weights differ)")
 
-    check_run_dir(run_dir, preset)  # before anything is written into another run's directory
-    run_dir.mkdir(parents=True, exist_ok=True)
-    local_tok = install_tokenizer(run_dir, tok_ck.path)
-    write_class_index(run_dir / "classes.json", classes)
+    # Read-only checks on every rank; the files are written by the main process inside `fit`.
+    check_run_dir(run_dir, preset)
+    tok_sha = check_run_tokenizer(run_dir, tok_ck.path)
 
-    from .checkpoints import WEIGHTS_NAME, sha256_file
+    def prepare(d: Path) -> None:
+        install_tokenizer(d, tok_ck.path)
+        write_class_index(d / "classes.json", classes)
 
     n = min(len(classes), 8)
     task = VARTask(preset, tok, distill=distill, source=source, notes=notes,
                    sample_labels=[round(i * (len(classes) - 1) / max(n - 1, 1)) for i in range(n)])
-    prov = {"tokenizer": {"path": f"../../{TOKENIZER_DIR}", "sha256": sha256_file(local_tok / WEIGHTS_NAME)},
+    prov = {"tokenizer": {"path": f"../../{TOKENIZER_DIR}", "sha256": tok_sha},
             "data": str(Path(tokens if tokens is not None else data).resolve())}
     res = fit(task, dataset, run_dir, preset.train, preset, "distill" if distill else "train", device=device,
-              console=console, num_workers=num_workers, provenance=prov)
-    if distill and save_teacher:
+              console=console, num_workers=num_workers, provenance=prov, prepare=prepare)
+    if distill and save_teacher and res.main_process:
         save_teacher_checkpoint(task, preset, run_dir, res.step)
     return res
 

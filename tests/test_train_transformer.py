@@ -20,6 +20,7 @@ from fvar_core.presets import load_preset
 from fvar_core.runs import find_tokenizer
 from fvar_core.shards import tokenize_dataset
 from fvar_core.tokenizer import Tokenizer
+from fvar_core.transformer import VAR
 from fvar_core.training import complete_checkpoints
 
 from .helpers import make_folder
@@ -157,6 +158,7 @@ def test_default_run_dir_is_under_fvar_runs(tokens, cli, tmp_path, monkeypatch):
     (["--set", "tokenizer.vocab_size=32"], "use a vocabulary of 64 codes, preset tiny-64 32"),
     (["--set", "model.num_classes=1"], "class index 1, but preset tiny-64 has 1 classes"),
     (["--set", "tokenizer.ch=64"], "tokenizer.ch is 32 there, 64 in the preset"),
+    (["--set", "pyramid.kernel=area"], "encoded with pyramid.kernel disk, preset tiny-64 says area"),
 ])
 def test_inputs_that_do_not_fit_the_preset_fail_in_one_line(tokens, cli, tmp_path, args, message):
     root, _, shards, _ = tokens
@@ -205,3 +207,53 @@ def test_two_process_accelerate_launch_agrees_on_weights(tokens, tmp_path):
         log = (run / "log.txt").read_text()
         assert "2 processes" in log and "all 2 processes hold identical weights" in log, log
         assert [s for s, _ in complete_checkpoints(run)] == [3]
+
+
+def test_gradient_accumulation_equals_the_full_batch(tokens, cli, tmp_path):
+    """grad_accum 2 of 4 images = one batch of 8 (mean losses, one update): same weights to 1e-6
+    (float32 sums in another order; label dropout draws the same stream either way)."""
+    root, _, shards, _ = tokens
+    common = ["--preset", "tiny-64", "--tokens", str(shards), "--steps", "3"]
+    for accum in (1, 2):
+        r = cli("train", *common, "--out", str(tmp_path / f"a{accum}"),
+                *_sets(*FAST, "train.lr=5e-2", "train.batch_size=8", f"train.grad_accum={accum}"))
+        assert r.code == 0, r.err
+    a, b = _weights(tmp_path / "a1", 3), _weights(tmp_path / "a2", 3)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    p = load_preset("tiny-64")
+    torch.manual_seed(p.train.seed)  # the loop's initialisation
+    init = VAR.from_config(p.model, p.patch_nums, p.tokenizer.vocab_size, p.tokenizer.z_channels).state_dict()
+    assert (a["head.weight"] - init["head.weight"]).abs().max() > 1e-3  # the steps did train
+
+
+@pytest.mark.parametrize("kind", ["gaussian-pyramid", "shared-tokenizer"])
+def test_pyramid_and_tokenizer_ablations_tokenize_and_train(tokens, cli, tmp_path, kind):
+    """The paper's ablation rows reach `fvar tokenize` + `fvar distill`: Gaussian blur instead of
+    the disk PSF (tokenize --set pyramid.kernel=gaussian), and the shared tokenizer (alias
+    residuals coded with the structure codebook, so the teacher's alias vocabulary is V)."""
+    root, tok_dir, _, data = tokens
+    if kind == "gaussian-pyramid":
+        sets = ["pyramid.kernel=gaussian"]
+        tok = tok_dir
+    else:
+        sets = ["tokenizer.alias_vocab_size=0", "tokenizer.shared_codebook=true"]
+        preset = load_preset("tiny-64", sets)
+        torch.manual_seed(0)
+        model = Tokenizer.from_config(preset.tokenizer, preset.patch_nums)
+        tok = save_checkpoint(tmp_path / "tok", kind="tokenizer", preset=preset, state_dict=model.state_dict(),
+                              provenance={"source": "test"})
+    shards = tmp_path / "shards"
+    r = cli("tokenize", "--tokenizer", str(tok), "--data", str(data), "--out", str(shards), "--device", "cpu",
+            *(_sets(*sets) if kind == "gaussian-pyramid" else []))
+    assert r.code == 0, r.err
+    manifest = json.loads((shards / "manifest.json").read_text())
+    if kind == "gaussian-pyramid":
+        assert manifest["preset_config"]["pyramid"]["kernel"] == "gaussian"
+        r = cli("train", "--preset", "tiny-64", "--tokens", str(shards), "--out", str(tmp_path / "bad"), "--steps", "1")
+        assert r.code == 2 and "pyramid.kernel gaussian" in r.err
+    else:
+        assert manifest["alias_vocab_size"] == 64
+    r = cli("distill", "--preset", "tiny-64", "--tokens", str(shards), "--out", str(tmp_path / "run"), "--steps", "2",
+            *_sets(*FAST, *sets, "train.batch_size=4"))
+    assert r.code == 0, r.err
+    assert [s for s, _ in complete_checkpoints(tmp_path / "run")] == [2]

@@ -1,4 +1,4 @@
-"""`fvar bench`: measured speed, with the machine named (sample now; train to follow)."""
+"""`fvar bench train|sample`: measured speed, with the machine named."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,10 +6,61 @@ from typing import List, Optional
 
 import typer
 
-from ..options import SetOption
+from ..options import PresetOption, SetOption, resolve
 
 app = typer.Typer(help="Measure speed: images/s, peak memory, FLOPs, as JSON with the machine named.",
                   no_args_is_help=True)
+JsonOption = typer.Option(None, "--json", help="Write the result as JSON here.")
+DeviceOption = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
+
+
+def _write(json_out: Optional[Path], doc: dict) -> None:
+    from fvar_core.bench import write_result
+
+    if json_out is not None:
+        typer.echo(f"wrote {write_result(json_out, doc)}")
+
+
+@app.command("train")
+def train_cmd(
+    preset: str = PresetOption,
+    overrides: Optional[List[str]] = SetOption,
+    distill: bool = typer.Option(False, "--distill", help="Time `fvar distill`'s step (teacher + student)."),
+    batch: int = typer.Option(64, "--batch", "-b", min=1, help="Images per optimiser step."),
+    steps: int = typer.Option(10, "--steps", min=1, help="Timed steps (after the warm-up)."),
+    warmup: int = typer.Option(3, "--warmup", min=1, help="Untimed steps first (torch.compile compiles here)."),
+    compile_: Optional[bool] = typer.Option(None, "--compile/--no-compile",
+                                            help="Whole-model torch.compile [default: the preset's train.compile]."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="bf16, fp16 or fp32 on CUDA [default: the "
+                                                                       "preset's]; CPU always runs fp32."),
+    peak_tflops: Optional[float] = typer.Option(None, "--peak-tflops", min=0.001,
+                                                help="Peak TFLOP/s for MFU [default: detected for known GPUs]."),
+    flops: bool = typer.Option(True, "--flops/--no-flops", help="Count model FLOPs per image (one batch-1 step)."),
+    device: str = DeviceOption,
+    json_out: Optional[Path] = JsonOption,
+) -> None:
+    """Training throughput of the real loop on random tokens: img/s, step ms, peak memory, FLOPs, MFU."""
+    from fvar_core.bench import train_benchmark
+    from fvar_core.devices import pick_device
+
+    dev = pick_device(device)
+    extra = ([f"train.compile={str(compile_).lower()}"] if compile_ is not None else []) + \
+            ([f"train.precision={precision}"] if precision is not None else [])
+    p = resolve(preset, overrides, *extra)
+    typer.echo(f"training {p.name} ({'distill' if distill else 'train'}, depth {p.model.depth}, {p.seq_len} tokens) "
+               f"on {dev}: batch {batch}, {warmup} warm-up + {steps} timed steps"
+               + (", torch.compile" if p.train.compile else ""))
+    doc = train_benchmark(p, device=dev, distill=distill, batch=batch, steps=steps, warmup=warmup, flops=flops,
+                          peak_tflops=peak_tflops)
+    res, mem = doc["results"], doc["results"]["peak_memory"]
+    mfu = res.get("mfu")
+    typer.echo(f"{doc['machine']['device']}, {doc['settings']['precision']}: {res['img_per_s']:.2f} img/s, "
+               f"{res['step_ms']:.1f} ms/step; peak memory {mem['peak_gib']:.2f} GiB ({mem['kind']})"
+               + (f"; {res['tflop_per_img']:.4g} TFLOP/img, {res['achieved_tflop_per_s']:.3g} TFLOP/s"
+                  if "tflop_per_img" in res else "")
+               + (f", MFU {100 * mfu:.1f}% of {res['peak']['tflops']:g} TFLOP/s" if mfu is not None else
+                  (", MFU: no peak known (pass --peak-tflops)" if flops else "")))
+    _write(json_out, doc)
 
 
 @app.command("sample")
@@ -26,52 +77,26 @@ def sample_cmd(
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Top-k [default: the preset's]."),
     top_p: Optional[float] = typer.Option(None, "--top-p", help="Top-p [default: the preset's]."),
     flops: bool = typer.Option(True, "--flops/--no-flops", help="Count FLOPs per image (one extra batch-1 run)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON here."),
+    device: str = DeviceOption,
+    json_out: Optional[Path] = JsonOption,
 ) -> None:
     """Sampling throughput with and without the VQ-VAE decode, peak memory and FLOPs per image."""
-    import torch
-
-    from fvar_core.bench import bench_sample, machine, utc_now, write_result
+    from fvar_core.bench import sample_benchmark
     from fvar_core.devices import pick_device
     from fvar_core.errors import UserError
-    from fvar_core.sampler import load_models, settings_from
 
-    if (preset is None) == (ckpt is None):
-        raise UserError("give exactly one of --preset NAME (random-init weights) or --ckpt CKPT")
     if overrides and ckpt is not None:
         raise UserError("--set applies to --preset; a checkpoint's architecture is fixed")
     dev = pick_device(device)
-    if preset is not None:
-        from fvar_cli.options import resolve
-        from fvar_core.tokenizer import Tokenizer
-        from fvar_core.transformer import VAR
-
-        p = resolve(preset, overrides)
-        torch.manual_seed(0)
-        var = VAR.from_config(p.model, p.patch_nums, p.tokenizer.vocab_size, p.tokenizer.z_channels).to(dev).eval()
-        tok = Tokenizer.from_config(p.tokenizer, p.patch_nums).to(dev).eval()
-        source = {"source": "preset (random-init weights)", "preset": p.name}
-    else:
-        models = load_models(ckpt, tokenizer, dev)
-        var, tok, p = models.var, models.tokenizer, models.preset
-        source = {"source": "checkpoint", "preset": p.name, "checkpoint": models.identity["checkpoint"]}
-    settings = settings_from(p.sample, cfg=cfg, top_k=top_k, top_p=top_p)
-    info = machine(dev)
-    typer.echo(f"sampling {p.name} ({p.resolution}px, depth {p.model.depth}) on {info['device']}: batch {batch}, "
-               f"{steps} timed batch(es), cfg {settings.cfg}, top-k {settings.top_k}, top-p {settings.top_p}")
-    res = bench_sample(var, tok, settings, batch=batch, steps=steps, warmup=warmup, flops=flops)
-    params = sum(x.numel() for x in var.parameters())
-    doc = {"benchmark": "sample", "created": utc_now(), "machine": info,
-           "model": {**source, "params": params, "depth": p.model.depth, "width": p.model.width,
-                     "resolution": p.resolution, "seq_len": p.seq_len, "patch_nums": list(p.patch_nums)},
-           "settings": {**settings.model_dump(mode="json", exclude={"batch_size"}), "batch": batch, "steps": steps, "warmup": warmup,
-                        "precision": "bf16 autocast" if dev.type == "cuda" else "fp32"},
-           "results": res}
-    mem = res["peak_memory"]
+    p = resolve(preset, overrides) if preset is not None else None
+    doc = sample_benchmark(preset=p, ckpt=ckpt, tokenizer=tokenizer, device=dev, batch=batch, steps=steps,
+                           warmup=warmup, flops=flops, cfg=cfg, top_k=top_k, top_p=top_p)
+    res, mem, st = doc["results"], doc["results"]["peak_memory"], doc["settings"]
+    typer.echo(f"sampling {doc['model']['preset']} ({doc['model']['resolution']}px, depth {doc['model']['depth']}) "
+               f"on {doc['machine']['device']}: batch {batch}, {steps} timed batch(es), cfg {st['cfg']}, "
+               f"top-k {st['top_k']}, top-p {st['top_p']}")
     typer.echo(f"{res['img_per_s']:.2f} img/s with decode, {res['img_per_s_no_decode']:.2f} img/s without "
                f"(decode {100 * res['decode_share']:.0f}% of the time); peak memory {mem['peak_gib']:.2f} GiB "
                f"({mem['kind']})" + (f"; {res['gflop_per_img']['total']:.2f} GFLOP/img"
                                      if "gflop_per_img" in res else ""))
-    if json_out is not None:
-        typer.echo(f"wrote {write_result(json_out, doc)}")
+    _write(json_out, doc)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -19,6 +19,10 @@ def tokenize(
                                           help="Image-decoding processes (default: the preset's data.num_workers)."),
     full_check: bool = typer.Option(False, "--full-check",
                                     help="Decode every file up front instead of a header check (slower)."),
+    overrides: Optional[List[str]] = typer.Option(
+        None, "--set", "-s", metavar="KEY.PATH=VALUE",
+        help="Override a field of the tokenizer's preset, e.g. --set pyramid.kernel=gaussian (the paper's "
+             "pyramid ablations); the tokenizer's architecture cannot change."),
 ) -> None:
     """Encode an image folder with a tokenizer into token shards for transformer training.
 
@@ -35,12 +39,15 @@ def tokenize(
     from fvar_core.devices import pick_device
     from fvar_core.runs import resolve_checkpoint
     from fvar_core.data import ImageFolderDataset, scan_image_folder, validate, validation_report
+    from fvar_core.presets import override_preset
     from fvar_core.shards import tokenize_dataset
+    from fvar_core.transformer_training import check_tokenizer_fits
 
     err = Console(stderr=True)
     dev = pick_device(device)
     ckpt = load_checkpoint(resolve_checkpoint(tokenizer, "--tokenizer"), expect_kind="tokenizer")
-    preset = ckpt.preset
+    preset = override_preset(ckpt.preset, overrides or [], f"tokenizer {ckpt.path}'s preset")
+    check_tokenizer_fits(preset, ckpt.preset, f"tokenizer {ckpt.path}")
     tok = build_tokenizer(ckpt)
     index = scan_image_folder(data)
     n_workers = preset.data.num_workers if workers is None else workers
