@@ -323,6 +323,10 @@ class RandomTokens(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.n
 
+    def set_epoch(self, epoch: int) -> None:
+        """Items do not depend on the epoch; having this keeps the loop off its slow path (seeding
+        the global RNGs around every item, `training.EpochItems`)."""
+
     def __getitem__(self, i: int):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
         structure = torch.randint(self.V, (self.L,), generator=g)

@@ -161,7 +161,11 @@ class TokenizerTrainConfig(_Strict):
     vq_weight: float = Field(1.0, ge=0.0)
     alias_weight: float = Field(1.0, ge=0.0, description="weight of the alias codebook's VQ loss")
     perceptual_weight: float = Field(1.0, ge=0.0, description="used only when LPIPS weights are given")
-    adversarial_weight: float = Field(0.1, ge=0.0, description="used only when discriminator is enabled")
+    adversarial_weight: float = Field(0.1, ge=0.0, description="used only when the discriminator is on (--disc)")
+    disc_start: int = Field(0, ge=0, description="optimiser step from which the adversarial terms count")
+    disc_ch: int = Field(64, ge=8, le=1024, description="PatchGAN width")
+    disc_layers: int = Field(3, ge=1, le=6, description="PatchGAN stride-2 layers")
+    disc_adaptive: bool = Field(True, description="VQGAN's adaptive weight on the generator term")
     dead_code_every: int = Field(1000, ge=0, description="restart unused codes every N steps; 0 = off")
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     seed: int = Field(0, ge=0)

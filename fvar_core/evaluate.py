@@ -88,7 +88,7 @@ def evaluate_samples(samples: PathLike, ref: str, extractor: InceptionFeatures, 
     """Evaluate the images of `samples` (or exactly `files`) against `ref`; returns the report."""
     metrics = tuple(metrics)
     fs = samples_folder(samples, files)
-    check_reference(ref, fs.size)  # fail before the feature pass
+    check_reference(ref, fs.size, extractor.weights.sha256)  # fail before the feature pass
     t0 = time.perf_counter()
     need_ref_features = "kid" in metrics or "prc" in metrics
     sp = feature_pass(read_files(fs.files, batch_size), extractor, len(fs.files), logits="isc" in metrics,
@@ -183,7 +183,7 @@ def evaluate_checkpoint(ckpt: PathLike, ref: str, extractor: InceptionFeatures, 
         raise UserError(f"{ck_dir} is a {cfg['kind']} checkpoint, expected a var (transformer) checkpoint")
     preset = validate(cfg["preset"], f"checkpoint {ck_dir} preset")
     R = preset.resolution
-    check_reference(ref, (R, R))  # before generating anything
+    check_reference(ref, (R, R), extractor.weights.sha256)  # before generating anything
     labels = class_labels(num_samples, per_class, preset.model.num_classes)
     seeds = [seed + i for i in range(num_samples)]
     settings = settings_from(preset.sample, **(settings_overrides or {}))

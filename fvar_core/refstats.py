@@ -262,9 +262,10 @@ def _res_error(what: str, ref_hw: Tuple[int, int], hw: Tuple[int, int], rebuild:
                      f"FID across resolutions is meaningless; {rebuild}")
 
 
-def check_reference(spec: str, hw: Tuple[int, int]) -> str:
+def check_reference(spec: str, hw: Tuple[int, int], weights_sha256: Optional[str] = None) -> str:
     """Cheap check before any work (before generating 50,000 samples): the reference exists, is
-    well formed and has the samples' resolution. Returns its kind."""
+    well formed, has the samples' resolution and (a named one) was built with the Inception
+    weights of this evaluation (`weights_sha256`, when given). Returns its kind."""
     p = Path(spec).expanduser()
     if p.is_file():
         if p.suffix != ".npz":
@@ -274,6 +275,9 @@ def check_reference(spec: str, hw: Tuple[int, int]) -> str:
             raise _res_error(f"reference batch {p.name}", npz.size, hw, "use the batch of the samples' resolution")
         return "npz"
     if p.is_dir():
+        from .data import scan_image_folder
+
+        scan_image_folder(p)  # an empty folder, or one without images, fails here
         return "folder"
     if Path(spec).suffix == ".npz" or os.sep in spec:
         raise UserError(f"--ref {spec}: no such file or folder")
@@ -282,6 +286,11 @@ def check_reference(spec: str, hw: Tuple[int, int]) -> str:
     if (r, r) != tuple(hw):
         raise _res_error(f"reference '{spec}' (built at --res {r})", (r, r), hw,
                          f"build one at {hw[0]} (`fvar eval ref build --data DIR --name NAME --res {hw[0]}`)")
+    built_sha = meta.get("extractor", {}).get("weights", {}).get("sha256")
+    if weights_sha256 is not None and built_sha != weights_sha256:
+        raise UserError(f"reference '{spec}' was built with other Inception weights (sha256 {str(built_sha)[:12]}…) "
+                        f"than this evaluation uses ({weights_sha256[:12]}…); rebuild it with `fvar eval ref build` "
+                        f"or pass the same --feature-weights")
     return "named"
 
 
@@ -306,8 +315,7 @@ def _npz_features(npz, extractor: InceptionFeatures, batch_size: int, progress: 
 def open_reference(spec: str, hw: Tuple[int, int], extractor: InceptionFeatures, need_features: bool,
                    batch_size: int = 64, progress: Optional[Progress] = None) -> Reference:
     """Load (or compute) a reference for samples of size `hw` = (H, W); see the module docstring."""
-    kind = check_reference(spec, hw)
-    sha = extractor.weights.sha256
+    kind = check_reference(spec, hw, extractor.weights.sha256)
     if kind == "npz":
         npz = open_npz(Path(spec).expanduser())
         ident = f"ADM batch {npz.path.name} ({npz.count} images)"
@@ -332,11 +340,6 @@ def open_reference(spec: str, hw: Tuple[int, int], extractor: InceptionFeatures,
                          str(index.root.resolve()), (hw[0], hw[0]), p.stats.n, mu, sigma, p.features,
                          "computed from the folder (ADM crop)")
     meta = read_meta(spec)
-    built_sha = meta.get("extractor", {}).get("weights", {}).get("sha256")
-    if built_sha != sha:
-        raise UserError(f"reference '{spec}' was built with other Inception weights (sha256 {str(built_sha)[:12]}…) "
-                        f"than this evaluation uses ({sha[:12]}…); rebuild it with `fvar eval ref build` or pass "
-                        f"the same --feature-weights")
     d = refs_dir() / spec
     mu, sigma = _load_npy(d / "mu.npy"), _load_npy(d / "sigma.npy")
     feats = _load_npy(d / "features.npy") if need_features else None

@@ -6,6 +6,7 @@ Per step, on a batch x (B, 3, R, R) in [-1, 1]:
     forward        recon, vq = Tokenizer(x, focus)        (K focus encodes batched inside)
     loss           l1·|recon − x| + l2·(recon − x)² + vq·L_vq(structure) + alias·L_vq(alias)
                    [+ perceptual·d_feat(recon, x) when a feature-net file is given]
+                   [+ adversarial·λ·g_loss + d_loss with --disc / --disc-weights: `discriminator`]
 Every `dead_code_every` steps, codes of either codebook unused since the last restart are
 re-seeded from random quantizer inputs of the current batch (the residuals the structure codebook
 codes, the alias differences the alias codebook codes). Metrics: the loss parts, PSNR (on [0, 1]),
@@ -15,7 +16,11 @@ Perceptual loss: `perceptual_weights` is a TorchScript file of a frozen feature 
 x (B, 3, H, W) in [-1, 1] → a feature map or a list/tuple of them; the loss is LPIPS's form with
 uniform layer weights, Σ_l mean ‖n(F_l(recon)) − n(F_l(x))‖² with n = unit norm over channels.
 LPIPS's learned linear heads are not applied (export a model that includes them if wanted).
-The adversarial term is not implemented: it is off and the run says so.
+
+Adversarial term: a PatchGAN trained with the tokenizer in the same step and optimiser (see
+`discriminator` for how one backward serves both players); its weights travel in the training
+state (resume) and are written to <run>/discriminator.safetensors at the end, which
+`--disc-weights` accepts to start another run from.
 
 `init_from` a converted VAR VAE (or any tokenizer checkpoint of the same architecture): the weights
 are loaded and only the alias codebook trains; everything else is frozen.
@@ -33,6 +38,7 @@ from .errors import UserError
 from .tokenizer import EXTENSION_KEYS, Tokenizer, load_official_state_dict
 
 ALIAS_PARAM = "quantize.alias_embedding.weight"
+DISCRIMINATOR_FILE = "discriminator.safetensors"
 
 
 def psnr(recon: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
@@ -73,6 +79,21 @@ class FeatureDistance(nn.Module):
         return sum((n(x.float()) - n(y.float())).square().sum(1).mean() for x, y in zip(fa, fb)) / len(fa)
 
 
+class TokenizerWithDiscriminator(nn.Module):
+    """Tokenizer and PatchGAN under one root (one optimiser, one DDP wrapper); forward returns the
+    tokenizer's (recon, vq) plus the adversarial (g_loss, d_loss, metrics)."""
+
+    def __init__(self, tokenizer: Tokenizer, disc: nn.Module):
+        super().__init__()
+        self.tokenizer, self.disc = tokenizer, disc
+
+    def forward(self, img: torch.Tensor, focus_imgs: Sequence[torch.Tensor]):
+        from .discriminator import adversarial_terms
+
+        recon, vq = self.tokenizer(img, focus_imgs)
+        return (recon, vq, *adversarial_terms(self.disc, img, recon.float()))
+
+
 class TokenizerTask:
     """The tokenizer mode of `training.fit` (see `training.Task`)."""
 
@@ -81,7 +102,7 @@ class TokenizerTask:
 
     def __init__(self, preset: Preset, *, sample_images: Optional[torch.Tensor] = None,
                  init_from: Optional[Union[str, Path]] = None, perceptual_weights: Optional[Union[str, Path]] = None,
-                 notes: Sequence[str] = ()):
+                 disc: bool = False, disc_weights: Optional[Union[str, Path]] = None, notes: Sequence[str] = ()):
         from .schedules import betas, radii
 
         self.preset = preset
@@ -98,6 +119,12 @@ class TokenizerTask:
             raise UserError(f"--init-from trains only the alias codebook, and preset {preset.name} has none "
                             f"(tokenizer.alias_vocab_size 0)")
         self.perceptual = FeatureDistance(perceptual_weights) if perceptual_weights is not None else None
+        self.use_disc = bool(disc or disc_weights is not None)
+        self.disc_weights = Path(disc_weights) if disc_weights is not None else None
+        if self.use_disc and self.init_from is not None:
+            raise UserError("--init-from trains only the alias codebook (the decoder is frozen): an adversarial "
+                            "term has nothing to train; drop --disc / --disc-weights")
+        self.disc = None
         self.sample_images = sample_images
         self.notes = list(notes)
         self.restarted = {"structure": 0, "alias": 0}
@@ -116,13 +143,21 @@ class TokenizerTask:
                 p.requires_grad_(name == ALIAS_PARAM)
         self.tok = tok
         self.q = tok.quantize
+        model: nn.Module = tok
+        if self.use_disc:
+            from .discriminator import PatchDiscriminator, load_discriminator
+
+            self.disc = PatchDiscriminator(self.cfg.disc_ch, self.cfg.disc_layers)
+            if self.disc_weights is not None:
+                load_discriminator(self.disc, self.disc_weights)
+            model = TokenizerWithDiscriminator(tok, self.disc)
         K = self.preset.num_scales
         self._win = torch.zeros(K, self.q.vocab_size)                     # hits in the log window
         Va = self.preset.tokenizer.alias_vocab_size
         self._win_a = torch.zeros(K, Va) if Va else None
         self._dead = torch.zeros(self.q.vocab_size)                       # hits since the last restart
         self._dead_a = torch.zeros(Va) if Va else None
-        return tok
+        return model
 
     def param_groups(self, model: nn.Module) -> List[Dict[str, Any]]:
         # Weight decay (if the config ever has any) on conv weights only; never on codebooks, biases, norms.
@@ -149,7 +184,13 @@ class TokenizerTask:
             lines.append("perceptual loss: off (no --perceptual-weights given)")
         else:
             lines.append(f"perceptual loss: on, weight {c.perceptual_weight}")
-        lines.append("adversarial loss: off (no discriminator in this version)")
+        if self.disc is None:
+            lines.append("adversarial loss: off (no --disc or --disc-weights given)")
+        else:
+            n = sum(p.numel() for p in self.disc.parameters())
+            src = f"from {self.disc_weights}" if self.disc_weights else "from scratch"
+            lines.append(f"adversarial loss: on, PatchGAN ({n / 1e6:.2f}M parameters, {src}), hinge, weight "
+                         f"{c.adversarial_weight}{' × adaptive λ' if c.disc_adaptive else ''}, from step {c.disc_start}")
         if self.init_from is not None:
             lines.append(f"initialised from {self.init_from}: training only the alias codebook")
         return lines
@@ -178,8 +219,8 @@ class TokenizerTask:
     def step(self, batch: Any, step: int):
         img = batch[0].float()  # (B, 3, R, R) in [-1, 1]
         focus = self.focus_images(img)
-        recon, vq = self.model(img, focus)
-        recon = recon.float()
+        out = self.model(img, focus)
+        recon, vq = out[0].float(), out[1]
         c = self.cfg
         l1 = (recon - img).abs().mean()
         l2 = (recon - img).square().mean()
@@ -196,6 +237,17 @@ class TokenizerTask:
             p = self.perceptual(recon, img)
             loss = loss + c.perceptual_weight * p
             metrics["perceptual"] = p.detach()
+        if self.disc is not None:
+            from .discriminator import adaptive_weight
+
+            g_loss, d_loss, d_metrics = out[2], out[3], out[4]
+            on = step >= c.disc_start
+            nll = loss - c.vq_weight * vq.vq_loss - (c.alias_weight * vq.alias_loss if vq.alias_loss is not None else 0)
+            lam = adaptive_weight(nll, g_loss, self.tok.decoder.conv_out.weight) if on and c.disc_adaptive \
+                else torch.ones((), device=img.device)
+            # before disc_start: × 0, not skipped, so every parameter has a gradient (DDP)
+            loss = loss + float(on) * (c.adversarial_weight * lam * g_loss + d_loss)
+            metrics.update(g_loss=g_loss.detach(), d_loss=d_loss.detach(), disc_lambda=lam, **d_metrics)
         with torch.no_grad():
             self._win += vq.hits_SV
             self._dead += vq.hits_SV.sum(0)
@@ -289,10 +341,20 @@ class TokenizerTask:
         _load_strict(self.tok, sd, "run checkpoint")
 
     def extra_state(self) -> Dict[str, Any]:
+        disc = {k: v.detach().cpu() for k, v in self.disc.state_dict().items()} if self.disc is not None else None
         return {"record_hit": int(self.q.record_hit), "dead": self._dead.cpu(),
-                "dead_alias": self._dead_a.cpu() if self._dead_a is not None else None}
+                "dead_alias": self._dead_a.cpu() if self._dead_a is not None else None, "discriminator": disc}
 
     def load_extra_state(self, d: Mapping[str, Any]) -> None:
+        if self.disc is not None:
+            from .checkpoints import _load_strict
+
+            if not d.get("discriminator"):
+                raise UserError("this run's checkpoint holds no discriminator: it was trained without --disc; "
+                                "resume it without --disc / --disc-weights, or choose another --out")
+            _load_strict(self.disc, d["discriminator"], "run checkpoint (discriminator)")
+        elif d.get("discriminator"):
+            raise UserError("this run was trained with a discriminator: resume it with --disc")
         self.q.record_hit = int(d["record_hit"])
         self._dead = d["dead"].to(self._dead.device)
         if self._dead_a is not None and d.get("dead_alias") is not None:
@@ -301,7 +363,8 @@ class TokenizerTask:
 
 def train_tokenizer(preset: Preset, data_root: Union[str, Path], run_dir: Union[str, Path], *,
                     init_from: Optional[Union[str, Path]] = None,
-                    perceptual_weights: Optional[Union[str, Path]] = None,
+                    perceptual_weights: Optional[Union[str, Path]] = None, disc: bool = False,
+                    disc_weights: Optional[Union[str, Path]] = None,
                     device: Optional[str] = None, console: Any = None, num_samples: int = 8):
     """`fvar train-tokenizer`: scan and check the image folder (unreadable files are reported and
     skipped), then train (or resume) the tokenizer in run_dir. Returns `training.FitResult`."""
@@ -324,8 +387,16 @@ def train_tokenizer(preset: Preset, data_root: Union[str, Path], run_dir: Union[
     samples = torch.stack([view[i][0] for i in picks]) if n else None
 
     task = TokenizerTask(preset, sample_images=samples, init_from=init_from,
-                         perceptual_weights=perceptual_weights, notes=notes)
+                         perceptual_weights=perceptual_weights, disc=disc, disc_weights=disc_weights, notes=notes)
     prov = {"data": str(Path(data_root).resolve()), "data_fingerprint": good.fingerprint(),
             "init_from": str(init_from) if init_from else None}
-    return fit(task, data, run_dir, preset.tokenizer_train, preset, "tokenizer", device=device, console=console,
-               provenance=prov, prepare=lambda d: write_class_index(d / "classes.json", good.classes))
+    res = fit(task, data, run_dir, preset.tokenizer_train, preset, "tokenizer", device=device, console=console,
+              provenance=prov, prepare=lambda d: write_class_index(d / "classes.json", good.classes))
+    if task.disc is not None and res.main_process:
+        from safetensors.torch import save
+
+        from .atomic import atomic_write_bytes
+
+        atomic_write_bytes(run_dir / DISCRIMINATOR_FILE,
+                           save({k: v.detach().cpu().contiguous() for k, v in task.disc.state_dict().items()}))
+    return res

@@ -338,7 +338,7 @@ def check_run_dir(run_dir: Path, preset: Preset) -> Optional[Dict[str, Any]]:
         return None
     stored = check_same_run(run_dir, preset)
     if stored is None and any(p.name not in (LOG, METRICS, CHECKPOINTS, "samples", "classes.json", "tokenizer",
-                                             ".tokenizer.tmp", "teacher")
+                                             ".tokenizer.tmp", "teacher", "discriminator.safetensors")
                               for p in run_dir.iterdir()):
         raise UserError(f"{run_dir} exists and is not an fvar run directory (no {CONFIG_YAML}); choose another --out")
     return stored
@@ -475,9 +475,13 @@ def fit(task: Task, data: Any, run_dir: Union[str, Path], cfg: Any, preset: Pres
             raise UserError(f"{path} is a checkpoint of a '{state.get('mode') if state else '?'}' run, "
                             f"not '{mode}'; choose another --out")
         task.load_state_dict(ck.state_dict)
-        opt.load_state_dict(state["optimizer"])
         if hasattr(task, "load_extra_state") and state.get("task") is not None:
-            task.load_extra_state(state["task"])
+            task.load_extra_state(state["task"])  # first: its messages name what differs
+        try:
+            opt.load_state_dict(state["optimizer"])
+        except ValueError as e:  # another set of trainable parameters than the run had
+            raise UserError(f"{path}: the run's optimiser state does not fit this model ({e}); resume with the "
+                            f"same options, or choose another --out") from None
         rngs = state["rng"]
         _set_rng_state(rngs[acc.process_index] if acc.process_index < len(rngs) else rngs[0], dev)
         if acc.process_index >= len(rngs):

@@ -83,3 +83,24 @@ def test_console_script_runs_in_a_fresh_process():
     assert p.returncode == 2
     assert p.stderr.strip().startswith("fvar: error: unknown preset 'nope'")
     assert p.stderr.count("\n") == 1
+
+
+def test_no_help_text_is_eaten_as_rich_markup():
+    """Typer renders help through rich markup, where `[anything]` is a style tag and vanishes
+    ("Total optimiser steps ." instead of "… (preset's train.steps)."): none in our help strings."""
+    import re
+
+    import click
+    import typer
+
+    markup = re.compile(r"\[[a-zA-Z$/.][^\]]*\]")
+
+    def walk(cmd, path):
+        for p in cmd.params:
+            assert not markup.search(getattr(p, "help", None) or ""), (path, p.name, p.help)
+        assert not markup.search(cmd.help or ""), (path, cmd.help)
+        if isinstance(cmd, click.Group):
+            for name, sub in cmd.commands.items():
+                walk(sub, f"{path} {name}")
+
+    walk(typer.main.get_command(build_app()), "fvar")

@@ -68,6 +68,31 @@ def test_samples_against_a_folder_and_the_equivalent_adm_npz_give_the_same_numbe
     assert a["protocol"]["metrics"]["prc"]["k"] == 3 and a["protocol"]["metrics"]["kid"]["subset_size"] == 6
 
 
+def test_an_adm_npz_with_stored_statistics_gives_the_folders_fid(cli, env, monkeypatch):
+    """ADM's full layout — arr_0 plus the mu/sigma of the same images — through --feature-weights
+    (not the environment variable): FID from the stored statistics equals the folder's."""
+    from fvar_core.features import load_extractor
+    from fvar_core.refstats import open_reference
+
+    weights = Path(__import__("os").environ[ENV_WEIGHTS])
+    monkeypatch.delenv(ENV_WEIGHTS)
+    samples = image_folder(env / "samples", 5, size=32, seed=3)
+    ref = image_folder(env / "ref", 5, size=32, seed=4)
+    stats = open_reference(str(ref), (32, 32), load_extractor(weights), need_features=False)
+    np.savez(env / "adm.npz", arr_0=folder_arrays(ref), mu=stats.mu, sigma=stats.sigma)
+    reports = {}
+    for name, spec in (("folder", ref), ("npz", env / "adm.npz")):
+        r = cli("eval", "--samples", str(samples), "--ref", str(spec), "--feature-weights", str(weights),
+                "--metrics", "fid,prc", "--json", str(env / f"{name}.json"))
+        assert r.code == 0, r.err
+        reports[name] = json.loads((env / f"{name}.json").read_text())
+    a, b = reports["folder"], reports["npz"]
+    assert "stored mu/sigma" in b["reference"]["fid_statistics"]
+    assert b["metrics"]["fid"] == pytest.approx(a["metrics"]["fid"], rel=1e-6) and a["metrics"]["fid"] > 0
+    assert (b["metrics"]["precision"], b["metrics"]["recall"]) == (a["metrics"]["precision"], a["metrics"]["recall"])
+    assert b["protocol"]["extractor"]["weights"]["source"] == "path"
+
+
 def _runs_with_checkpoint(root: Path, factory) -> Path:
     """runs/x/checkpoints/step-0000001: a complete tiny-64 var checkpoint (tokenizer inside)."""
     import shutil
@@ -128,6 +153,20 @@ def test_eval_ref_imagenet_stats_generates_from_the_newest_checkpoint_and_resume
     _one_line_error(r, "different settings")
 
 
+def test_a_reference_of_other_inception_weights_fails_before_anything_is_generated(cli, env, tmp_path_factory):
+    data = image_folder(env / "data", 3, size=64, seed=6)
+    assert cli("eval", "ref", "build", "--data", str(data), "--name", "r64", "--res", "64").code == 0
+    sd = torch.load(inception_weights(tmp_path_factory), weights_only=True)
+    k = next(k for k, v in sd.items() if v.is_floating_point())
+    sd[k] = sd[k] + 1e-3  # the same network with other weights
+    torch.save(sd, env / "other.pth")
+    out = env / "gen"
+    r = cli("eval", "--ckpt", str(tiny_var_checkpoint(tmp_path_factory)), "--ref", "r64", "--feature-weights",
+            str(env / "other.pth"), "--num-samples", "2", "--per-class", "1", "--out", str(out), "--device", "cpu")
+    _one_line_error(r, "other Inception weights", "r64")
+    assert not out.exists() or not any(out.glob("*.png"))
+
+
 def test_offline_without_weights_is_one_line_with_both_ways_out(cli, env, monkeypatch):
     monkeypatch.delenv(ENV_WEIGHTS)
     samples = image_folder(env / "s", 4, size=32)
@@ -135,7 +174,8 @@ def test_offline_without_weights_is_one_line_with_both_ways_out(cli, env, monkey
                     "--feature-weights PATH", ENV_WEIGHTS, "offline")
 
 
-@pytest.mark.parametrize("case", ["empty", "mixed", "npz-without-arrays", "other-resolution", "metric", "both"])
+@pytest.mark.parametrize("case", ["empty", "mixed", "npz-without-arrays", "other-resolution", "empty-reference",
+                                  "metric", "both"])
 def test_bad_input_is_one_line_and_exit_2(cli, env, case):
     s32 = image_folder(env / "s32", 4, size=32)
     if case == "empty":
@@ -150,6 +190,9 @@ def test_bad_input_is_one_line_and_exit_2(cli, env, case):
     elif case == "other-resolution":
         np.savez(env / "r64.npz", arr_0=np.zeros((4, 64, 64, 3), np.uint8))
         r, needles = cli("eval", "--samples", str(s32), "--ref", str(env / "r64.npz")), ("64×64", "32×32")
+    elif case == "empty-reference":
+        (env / "empty-ref").mkdir()
+        r, needles = cli("eval", "--samples", str(s32), "--ref", str(env / "empty-ref")), ("empty",)
     elif case == "metric":
         r, needles = cli("eval", "--samples", str(s32), "--ref", str(s32), "--metrics", "fid,sfid"), ("--metrics",)
     else:
@@ -190,3 +233,9 @@ def test_alias_figures_of_a_folder_are_per_scale_means(cli, env):
     per = [alias_report(fit_square(load_image(f), 64), p.pyramid, p.patch_nums, 64)[0].leak_db_focus
            for f in sorted(data.glob("*.png"))]
     assert rep["scales"][0]["leak_db_focus"] == pytest.approx(float(np.mean(per)))
+    # `fvar pyramid analyze` on the folder gives the same report (and a table without --json)
+    r = cli("pyramid", "analyze", str(data), "--preset", "tiny-64", "--json")
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["scales"] == rep["scales"]
+    r = cli("pyramid", "analyze", str(data), "--preset", "tiny-64")
+    assert r.code == 0 and "mean over 3 images" in r.out

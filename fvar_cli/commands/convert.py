@@ -22,7 +22,7 @@ def import_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="fvar checkpoint directory to write (replaced atomically)."),
     preset: Optional[str] = typer.Option(
         None, "--preset", "-p",
-        help="Preset the weights belong to [default: var-d16-256 for a VQ-VAE, var-dDEPTH-* for a VAR]."),
+        help="Preset the weights belong to (default: var-d16-256 for a VQ-VAE, var-dDEPTH-* for a VAR)."),
     overrides: Optional[List[str]] = SetOption,
 ) -> None:
     """Official .pth → fvar checkpoint; the architecture is read off the weights and checked."""

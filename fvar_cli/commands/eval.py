@@ -222,26 +222,16 @@ def alias(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the report here."),
 ) -> None:
     """`fvar pyramid analyze` over a folder: alias leakage and passband per scale, mean over images."""
-    from rich.console import Console
-    from rich.table import Table
-
     from fvar_core.evaluate import alias_folder, write_report
+
+    from .pyramid import print_alias_table
     from fvar_core.presets import load_preset
 
     cfg = load_preset(preset, overrides or [])
     with _progress() as progress:
         report = alias_folder(folder, cfg, max_images=max_images, progress=progress)
-    table = Table(title=f"alias analysis · mean over {report['count']} images of {folder} · {cfg.name} · "
-                        f"{cfg.pyramid.kernel}/{cfg.pyramid.schedule}",
-                  caption="leak: energy above the scale's Nyquist surviving down-sampling, dB (lower is better); "
-                          "kept: passband energy retained")
-    for col in ("k", "size", "ρ px", "leak area", "leak focus", "Δ dB", "kept area", "kept focus"):
-        table.add_column(col, justify="right")
-    for r in report["scales"]:
-        table.add_row(str(r["scale"]), str(r["size"]), f"{r['rho']:.2f}", _fmt(r["leak_db_area"], 1),
-                      _fmt(r["leak_db_focus"], 1), _fmt(r["margin_db"], 1), _fmt(r["passband_area"], 3),
-                      _fmt(r["passband_focus"], 3))
-    Console().print(table)
+    print_alias_table(f"alias analysis · mean over {report['count']} images of {folder} · {cfg.name} · "
+                      f"{cfg.pyramid.kernel}/{cfg.pyramid.schedule}", report["scales"])
     if json_out is not None:
         typer.echo(f"wrote {write_report(report, json_out)}")
 

@@ -10,7 +10,7 @@ import typer
 def inpaint(
     image: Path = typer.Option(..., "--image", "-i", help="The image to edit."),
     ckpt: Optional[Path] = typer.Option(
-        None, "--ckpt", "-c", help="var checkpoint or run folder [default: the newest under $FVAR_RUNS or ./runs]."),
+        None, "--ckpt", "-c", help="var checkpoint or run folder (default: the newest under $FVAR_RUNS or ./runs)."),
     box: Optional[str] = typer.Option(
         None, "--box", help="Region to generate, x0,y0,x1,y1 in the image's pixels (x1, y1 exclusive) or as "
                             "fractions (0.1,0.1,0.8,0.8)."),
@@ -18,17 +18,17 @@ def inpaint(
         None, "--mask", help="Black/white PNG of the image's size: white = generate, black = keep."),
     outpaint: bool = typer.Option(False, "--outpaint", help="Keep the image, centred, and generate around it."),
     canvas: Optional[str] = typer.Option(
-        None, "--canvas", help="Outpainting canvas WxH; must be the preset's resolution [default: that]."),
-    class_: Optional[str] = typer.Option(None, "--class", help="Class id to edit towards [default: unconditional]."),
+        None, "--canvas", help="Outpainting canvas WxH; must be the preset's resolution (default: that)."),
+    class_: Optional[str] = typer.Option(None, "--class", help="Class id to edit towards (default: unconditional)."),
     seed: int = typer.Option(0, "--seed", min=0, help="Seed of the sampled tokens."),
-    cfg: Optional[float] = typer.Option(None, "--cfg", help="Guidance strength [default: the preset's]."),
+    cfg: Optional[float] = typer.Option(None, "--cfg", help="Guidance strength (default: the preset's)."),
     cfg_mode: Optional[str] = typer.Option(None, "--cfg-mode", help="var or standard (see fvar sample)."),
-    top_k: Optional[int] = typer.Option(None, "--top-k", help="Top-k (0 = off) [default: the preset's]."),
-    top_p: Optional[float] = typer.Option(None, "--top-p", help="Top-p (0 = off) [default: the preset's]."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Top-k (0 = off) (default: the preset's)."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Top-p (0 = off) (default: the preset's)."),
     more_smooth: Optional[bool] = typer.Option(None, "--more-smooth/--no-more-smooth",
                                                help="VAR's gumbel-softmax code mixing."),
     tokenizer: Optional[Path] = typer.Option(
-        None, "--tokenizer", "-t", help="Tokenizer checkpoint [default: the one stored with the checkpoint]."),
+        None, "--tokenizer", "-t", help="Tokenizer checkpoint (default: the one stored with the checkpoint)."),
     out: Path = typer.Option(Path("edit"), "--out", "-o", help="Folder for compare.png, result.png, edit.json."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
 ) -> None:

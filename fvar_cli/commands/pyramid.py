@@ -41,7 +41,7 @@ def visualize(
     rho_max: Optional[float] = RhoOpt,
     noise: bool = typer.Option(False, "--noise/--no-noise", help="Add the preset's beta_k noise to L_k."),
     seed: int = typer.Option(0, help="Seed of the noise."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="PNG to write [default: pyramid-IMAGE.png]."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="PNG to write (default: pyramid-IMAGE.png)."),
     overrides: Optional[List[str]] = SetOption,
 ) -> None:
     """One figure: rows D_k (area), L_k (focus), A_k (alias, amplified), one column per scale."""
@@ -73,28 +73,40 @@ def analyze(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     overrides: Optional[List[str]] = SetOption,
 ) -> None:
-    """Per scale: alias leakage (dB) and passband energy kept, for area vs focus views."""
+    """Per scale: alias leakage (dB) and passband energy kept, for area vs focus views. IMAGE may
+    be a folder: then the figures are means over its images (as `fvar eval alias`)."""
     from fvar_core.alias import alias_report
     from fvar_core.images import load_or_builtin
 
     cfg = resolve(preset, overrides, *_pyramid_overrides(kernel, schedule, rho_max))
-    x, name = load_or_builtin(image, cfg.resolution)
-    rows = alias_report(x, cfg.pyramid, cfg.patch_nums, cfg.resolution)
-    if as_json:
+    if Path(image).is_dir():
+        from fvar_core.evaluate import alias_folder
+
+        report = alias_folder(image, cfg)
+        name, scales = f"mean over {report['count']} images of {image}", report["scales"]
+        doc = report
+    else:
+        x, name = load_or_builtin(image, cfg.resolution)
+        scales = [r.to_dict() for r in alias_report(x, cfg.pyramid, cfg.patch_nums, cfg.resolution)]
         doc = {"image": name, "preset": cfg.name, "resolution": cfg.resolution,
-               "pyramid": cfg.pyramid.model_dump(mode="json"), "scales": [r.to_dict() for r in rows]}
-        typer.echo(json.dumps(doc, indent=2))
+               "pyramid": cfg.pyramid.model_dump(mode="json"), "scales": scales}
+    if as_json:
+        typer.echo(json.dumps(doc, indent=2, default=str))
         return
-    table = Table(title=f"alias analysis · {name} · {cfg.name} · {cfg.pyramid.kernel}/{cfg.pyramid.schedule}",
-                  caption="leak: energy above the scale's Nyquist that survives down-sampling, relative to the "
-                          "input's (dB, lower is better); kept: passband energy retained")
+    print_alias_table(f"alias analysis · {name} · {cfg.name} · {cfg.pyramid.kernel}/{cfg.pyramid.schedule}", scales)
+
+
+def print_alias_table(title: str, scales: List[dict]) -> None:
+    """The per-scale alias table of `pyramid analyze` and `eval alias` (rows: AliasRow.to_dict())."""
+    table = Table(title=title, caption="leak: energy above the scale's Nyquist that survives down-sampling, relative "
+                                       "to the input's (dB, lower is better); kept: passband energy retained")
     for col in ("k", "size", "ρ px", "leak area", "leak focus", "Δ dB", "kept area", "kept focus"):
         table.add_column(col, justify="right")
-    for r in rows:
-        d = r.to_dict()
+    fmt = lambda v, n=1: "—" if v is None else f"{v:.{n}f}"  # noqa: E731
+    for d in scales:
         la, lf = d["leak_db_area"], d["leak_db_focus"]
-        fmt = lambda v: "—" if v is None else f"{v:.1f}"  # noqa: E731
-        delta = "—" if la is None or lf is None else f"{la - lf:.1f}"
-        table.add_row(str(d["scale"]), str(d["size"]), f"{d['rho']:.2f}", fmt(la), fmt(lf), delta,
-                      f"{d['passband_area']:.3f}", f"{d['passband_focus']:.3f}")
+        delta = d["margin_db"] if "margin_db" in d else (None if la is None or lf is None else la - lf)
+        table.add_row(str(d["scale"]), str(d["size"]), f"{d['rho']:.2f}", fmt(la), fmt(lf), fmt(delta),
+                      fmt(d["passband_area"], 3),
+                      fmt(d["passband_focus"], 3))
     Console().print(table)

@@ -9,11 +9,11 @@ import typer
 
 def sample(
     ckpt: Optional[Path] = typer.Option(
-        None, "--ckpt", "-c", help="var checkpoint or run folder [default: the newest var checkpoint under "
-                                   "$FVAR_RUNS or ./runs]."),
+        None, "--ckpt", "-c", help="var checkpoint or run folder (default: the newest var checkpoint under "
+                                   "$FVAR_RUNS or ./runs)."),
     classes: str = typer.Option(..., "--class", help="Class ids: 207, 1,207,388, a range 0-9, or 'uncond'."),
     n: int = typer.Option(8, "--n", "-n", min=1, help="Images per class."),
-    cfg: Optional[float] = typer.Option(None, "--cfg", help="Guidance strength [default: the preset's, VAR 1.5]."),
+    cfg: Optional[float] = typer.Option(None, "--cfg", help="Guidance strength (default: the preset's, VAR 1.5)."),
     cfg_mode: Optional[str] = typer.Option(
         None, "--cfg-mode", help="var: (1+t)·cond − t·uncond, t ramping 0 → cfg over the scales; standard: "
                                  "uncond + w·(cond − uncond), w ramping 1 → cfg."),
@@ -25,9 +25,9 @@ def sample(
     seed: int = typer.Option(0, "--seed", min=0, help="Image i gets seed + i; the same seed gives the same image "
                                                        "at any --batch."),
     batch: Optional[int] = typer.Option(None, "--batch", "-b", min=1,
-                                        help="Images per forward pass [default: the preset's sample.batch_size]."),
+                                        help="Images per forward pass (default: the preset's sample.batch_size)."),
     tokenizer: Optional[Path] = typer.Option(
-        None, "--tokenizer", "-t", help="Tokenizer checkpoint [default: the one stored with the checkpoint]."),
+        None, "--tokenizer", "-t", help="Tokenizer checkpoint (default: the one stored with the checkpoint)."),
     out: Path = typer.Option(Path("samples"), "--out", "-o", help="Folder for the PNGs, grid.png and samples.json."),
     save_tokens: Optional[Path] = typer.Option(None, "--save-tokens",
                                                help="Also write per-scale tokens, labels and seeds (.npz)."),

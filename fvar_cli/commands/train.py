@@ -12,12 +12,12 @@ TokensOption = typer.Option(None, "--tokens", help="Token shards from `fvar toke
 DataOption = typer.Option(None, "--data", "-d", help="Image folder, encoded on the fly (needs --tokenizer).")
 TokenizerOption = typer.Option(
     None, "--tokenizer", "-t", help="Tokenizer checkpoint or run; with --tokens, overrides the one the shards name.")
-OutOption = typer.Option(None, "--out", "-o", help="Run directory [$FVAR_RUNS or ./runs]/<preset>-<mode>; "
+OutOption = typer.Option(None, "--out", "-o", help="Run directory ($FVAR_RUNS or ./runs)/<preset>-<mode>; "
                                                    "an existing run there is resumed.")
-StepsOption = typer.Option(None, "--steps", min=1, help="Total optimiser steps [preset's train.steps].")
-BatchOption = typer.Option(None, "--batch", min=1, help="Global batch size [preset's train.batch_size].")
-DeviceOption = typer.Option(None, "--device", help="cpu or cuda [CUDA when available]; multi-GPU: `accelerate launch`.")
-WorkersOption = typer.Option(None, "--workers", min=0, help="Data-loading processes [preset's data.num_workers].")
+StepsOption = typer.Option(None, "--steps", min=1, help="Total optimiser steps (preset's train.steps).")
+BatchOption = typer.Option(None, "--batch", min=1, help="Global batch size (preset's train.batch_size).")
+DeviceOption = typer.Option(None, "--device", help="cpu or cuda (CUDA when available); multi-GPU: `accelerate launch`.")
+WorkersOption = typer.Option(None, "--workers", min=0, help="Data-loading processes (preset's data.num_workers).")
 
 
 def _run(mode: str, preset: str, overrides, tokens, data, tokenizer, out, steps, batch, device, workers,

@@ -15,10 +15,14 @@ def train_tokenizer(
     preset: str = PresetOption,
     init_from: Optional[Path] = typer.Option(
         None, "--init-from", help="Tokenizer checkpoint (e.g. a converted VAR VAE): train only the alias codebook."),
-    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Total optimiser steps [preset's]."),
-    batch: Optional[int] = typer.Option(None, "--batch", min=1, help="Global batch size [preset's]."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Total optimiser steps (preset's)."),
+    batch: Optional[int] = typer.Option(None, "--batch", min=1, help="Global batch size (preset's)."),
     perceptual_weights: Optional[Path] = typer.Option(
         None, "--perceptual-weights", help="TorchScript feature network for the perceptual loss (off without)."),
+    disc: bool = typer.Option(False, "--disc", help="Adversarial term: train a PatchGAN discriminator along (off without)."),
+    disc_weights: Optional[Path] = typer.Option(
+        None, "--disc-weights", help="Start the discriminator from this file (a run's discriminator.safetensors); "
+                                     "implies --disc."),
     overrides: Optional[List[str]] = SetOption,
 ) -> None:
     """Train the tokenizer (reconstruction + VQ losses for both codebooks); resumes when OUT exists."""
@@ -28,7 +32,8 @@ def train_tokenizer(
             ([f"tokenizer_train.batch_size={batch}"] if batch is not None else [])
     cfg = resolve(preset, overrides, *extra)
     typer.echo(f"run directory: {out}")
-    res = run_training(cfg, data, out, init_from=init_from, perceptual_weights=perceptual_weights)
+    res = run_training(cfg, data, out, init_from=init_from, perceptual_weights=perceptual_weights, disc=disc,
+                       disc_weights=disc_weights)
     m = res.metrics
     tail = f" (loss {m['loss']:.4f}, PSNR {m['psnr']:.2f} dB)" if "psnr" in m else ""
     typer.echo(f"tokenizer at step {res.step}: {res.checkpoint}{tail}")
