@@ -168,19 +168,28 @@ def parse_canvas(spec: str) -> Tuple[int, int]:
 
 
 def prepare_outpaint(image: torch.Tensor, canvas: Tuple[int, int], resolution: int, patch: int,
-                     preset_name: str = "") -> EditInput:
-    """image (3, h, w) in [0, 1], at its own size, centred on a canvas (W, H) that must be R × R."""
+                     preset_name: str = "", fit: Optional[float] = None) -> EditInput:
+    """image (3, h, w) in [0, 1] centred on a canvas (W, H) that must be R × R: at its own size, or
+    with `fit` resized (antialiased bicubic) so that its longer side is fit · R."""
     W, H = canvas
     R = resolution
     if (W, H) != (R, R):
         raise UserError(f"--canvas {W}x{H} is not supported: {preset_name or 'this model'} makes {R}x{R} images "
                         f"only, so outpainting extends the image to a {R}x{R} canvas")
+    if fit is not None:
+        if not 0 < fit < 1:
+            raise UserError(f"--fit {fit}: the image's share of the canvas side must lie strictly between 0 and 1")
+        _, h, w = image.shape
+        s = fit * R / max(h, w)
+        size = (max(1, round(h * s)), max(1, round(w * s)))
+        image = F.interpolate(image[None], size=size, mode="bicubic", antialias=True, align_corners=False)[0].clamp(0, 1)
     _, h, w = image.shape
     if h > R or w > R:
-        raise UserError(f"image {w}x{h} does not fit the {R}x{R} canvas: outpainting places the image at its own "
-                        f"size (resize it to at most {R}x{R}, or use inpainting)")
+        raise UserError(f"image {w}x{h} does not fit the {R}x{R} canvas: shrink it into the canvas with --fit "
+                        f"(e.g. --fit 0.75), or use inpainting")
     if (h, w) == (R, R):
-        raise UserError(f"image is already {R}x{R}, the whole canvas: nothing to outpaint")
+        raise UserError(f"image is already {R}x{R}, the whole canvas: nothing to outpaint; shrink it into the "
+                        f"canvas with --fit (e.g. --fit 0.75)")
     top, left = (R - h) // 2, (R - w) // 2
     canvas_img = F.pad(image[None], (left, R - w - left, top, R - h - top), mode="replicate")[0]
     pix = torch.ones(R, R, dtype=torch.bool)
@@ -258,7 +267,8 @@ class EditRun:
 
 def edit_to_dir(models, image_path: PathLike, out_dir: PathLike, *, box: Optional[str] = None,
                 mask: Optional[PathLike] = None, outpaint: bool = False, canvas: Optional[str] = None,
-                label: Optional[int] = None, seed: int = 0, settings: SampleConfig) -> EditRun:
+                fit: Optional[float] = None, label: Optional[int] = None, seed: int = 0,
+                settings: SampleConfig) -> EditRun:
     """Validate the request, edit, write compare.png (input | mask | result), result.png, edit.json.
     label None = unconditional (the null class)."""
     from .images import load_image, save_png
@@ -266,8 +276,8 @@ def edit_to_dir(models, image_path: PathLike, out_dir: PathLike, *, box: Optiona
 
     if outpaint and (box is not None or mask is not None):
         raise UserError("--outpaint generates everything around the image: give no --box or --mask with it")
-    if canvas is not None and not outpaint:
-        raise UserError("--canvas is for --outpaint")
+    if (canvas is not None or fit is not None) and not outpaint:
+        raise UserError("--canvas and --fit are for --outpaint")
     if not outpaint and (box is None) == (mask is None):
         raise UserError("give exactly one of --box x0,y0,x1,y1 or --mask MASK.png (the region to generate), "
                         "or --outpaint")
@@ -281,8 +291,11 @@ def edit_to_dir(models, image_path: PathLike, out_dir: PathLike, *, box: Optiona
     image = load_image(image_path)  # (3, H, W)
     _, H, W = image.shape
     if outpaint:
-        inp = prepare_outpaint(image, parse_canvas(canvas) if canvas else (R, R), R, patch, preset.name)
-        region = {"canvas": [R, R], "placed_at": [(R - W) // 2, (R - H) // 2]}
+        inp = prepare_outpaint(image, parse_canvas(canvas) if canvas else (R, R), R, patch, preset.name, fit=fit)
+        kept = (~inp.pixels).nonzero()
+        (y0, x0), (y1, x1) = kept.min(0).values.tolist(), kept.max(0).values.tolist()
+        region = {"canvas": [R, R], "placed_at": [x0, y0], "placed_size": [x1 - x0 + 1, y1 - y0 + 1],
+                  "fit": fit}
     else:
         if box is not None:
             b = parse_box(box, W, H)

@@ -333,8 +333,10 @@ def open_reference(spec: str, hw: Tuple[int, int], extractor: InceptionFeatures,
 
         index = scan_image_folder(Path(spec).expanduser())
         transform = crop_transform("adm", hw[0])
+        # FID statistics over every image; pool features kept for KID / precision-recall from a
+        # fixed-seed subset of at most MAX_FEATURES, as `ref build` does (ADM: 10,000)
         p = feature_pass(read_files(list(index.files), batch_size, transform), extractor, len(index),
-                         progress=progress)
+                         keep=subset_indices(len(index), MAX_FEATURES), progress=progress)
         mu, sigma = p.stats.mean_cov()
         return Reference(spec, "folder", f"folder {index.root} ({len(index)} images, ADM crop at {hw[0]})",
                          str(index.root.resolve()), (hw[0], hw[0]), p.stats.n, mu, sigma, p.features,

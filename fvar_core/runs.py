@@ -73,7 +73,8 @@ def newest_checkpoint(kind: str = "var", root: Optional[PathLike] = None) -> Pat
                     if _kind(ck) == kind:
                         found.append(((ck / "model.safetensors").stat().st_mtime, str(ck), ck))
     if not found:
-        how = {"var": "train one with `fvar train --preset tiny-64 --data DIR` (or `fvar distill`), or pass --ckpt",
+        how = {"var": "train one with `fvar train --tokens SHARDS` (or --data DIR --tokenizer CKPT; or "
+                      "`fvar distill`), or pass --ckpt",
                "tokenizer": "train one with `fvar train-tokenizer`, or pass --tokenizer"}.get(kind, "pass one")
         raise UserError(f"no {kind} checkpoint under {root} (set ${ENV_RUNS} to look elsewhere): {how}")
     return max(found)[2]

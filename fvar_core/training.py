@@ -511,6 +511,10 @@ def fit(task: Task, data: Any, run_dir: Union[str, Path], cfg: Any, preset: Pres
         log.info(line)
     if resumed_from is not None:
         log.info(f"resuming {run_dir} from step {resumed_from} ({last_ckpt.name})")
+        planned = (state.get("scheduler") or {}).get("steps")
+        if planned is not None and planned != S.steps and resumed_from < S.steps:
+            log.info(f"note: the run was planned for {planned} steps, now {S.steps}: warm-up and decay are laid "
+                     f"over {S.steps} steps, so the lr from step {resumed_from} on is not the original plan's")
     else:
         log.info(f"new run in {run_dir}: {preset.name}, {mode}, {S.steps} steps of {S.batch_size} images "
                  f"on {dev.type} ({acc.num_processes} process{'es' if acc.num_processes > 1 else ''}, "
@@ -528,7 +532,7 @@ def fit(task: Task, data: Any, run_dir: Union[str, Path], cfg: Any, preset: Pres
         if main:
             state = {"version": STATE_VERSION, "mode": mode, "step": step,
                      "data_position": step * S.batch_size, "optimizer": opt.state_dict(),
-                     "scheduler": {"name": S.schedule, "step": step}, "rng": rngs, "task": extra,
+                     "scheduler": {"name": S.schedule, "step": step, "steps": S.steps}, "rng": rngs, "task": extra,
                      "best": best}
             prov = {"source": "fvar training", "mode": mode, "step": step, **dict(provenance or {})}
             root = run_dir / CHECKPOINTS

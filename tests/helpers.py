@@ -34,3 +34,17 @@ def make_folder(root: Path, per_class: int = 8, size: int = 80, corrupt: int = 0
     for j in range(corrupt):
         (root / "shapes" / f"broken{j}.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
     return root
+
+
+def kill_at_step(monkeypatch, task_cls, step: int):
+    """Make task_cls.step raise KeyboardInterrupt (what a kill looks like to the loop) at `step`;
+    returns a function that undoes it."""
+    real = task_cls.step
+
+    def dying(self, batch, s):
+        if s == step:
+            raise KeyboardInterrupt
+        return real(self, batch, s)
+
+    monkeypatch.setattr(task_cls, "step", dying)
+    return lambda: monkeypatch.setattr(task_cls, "step", real)

@@ -13,7 +13,7 @@ from fvar_core.discriminator import PatchDiscriminator, adaptive_weight, adversa
 from fvar_core.checkpoints import load_checkpoint
 from fvar_core.training import complete_checkpoints
 
-from .helpers import make_folder
+from .helpers import kill_at_step, make_folder
 
 FAST = ["tokenizer_train.lr=3e-3", "tokenizer_train.batch_size=2", "tokenizer_train.log_every=1",
         "tokenizer_train.precision=fp32", "tokenizer_train.sample_every=0", "tokenizer_train.dead_code_every=0"]
@@ -70,17 +70,11 @@ def test_train_tokenizer_with_disc_resumes_bitwise_and_writes_reusable_weights(t
     assert {"g_loss", "d_loss", "disc_lambda", "d_real", "d_fake"} <= set(m[0])
     assert m[0]["disc_lambda"] == 1.0 and m[1]["disc_lambda"] != 1.0  # adaptive from disc_start
 
-    import fvar_core.tokenizer_training as tt
-    real = tt.TokenizerTask.step
+    from fvar_core.tokenizer_training import TokenizerTask
 
-    def dying(self, batch, step):
-        if step == 3:
-            raise KeyboardInterrupt
-        return real(self, batch, step)
-
-    monkeypatch.setattr(tt.TokenizerTask, "step", dying)
+    revive = kill_at_step(monkeypatch, TokenizerTask, 3)
     assert cli(*common, "--out", str(tmp_path / "broken"), "--steps", "4").code == 130
-    monkeypatch.setattr(tt.TokenizerTask, "step", real)
+    revive()
     r = cli(*common, "--out", str(tmp_path / "broken"), "--steps", "4")
     assert r.code == 0 and "from step 2" in r.err, r.err
     a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "step-0000004").state_dict

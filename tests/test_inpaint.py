@@ -155,6 +155,17 @@ def test_outpaint_places_the_image_at_the_canvas_centre():
         prepare_outpaint(torch.rand(3, 20, 20), (64, 64), 64, 16)
 
 
+def test_outpaint_fit_shrinks_a_full_size_image_into_the_canvas():
+    img = torch.rand(3, 64, 96)  # wider than the 64x64 canvas
+    inp = prepare_outpaint(img, (64, 64), 64, 16, fit=0.75)  # longer side → 48 px: 48 × 32
+    kept = (~inp.pixels).nonzero()
+    assert kept.min(0).values.tolist() == [16, 8] and kept.max(0).values.tolist() == [47, 55]
+    want = torch.nn.functional.interpolate(img[None], size=(32, 48), mode="bicubic", antialias=True)[0].clamp(0, 1)
+    assert torch.allclose(inp.image[:, 16:48, 8:56], want)
+    with pytest.raises(UserError, match="strictly between 0 and 1"):
+        prepare_outpaint(img, (64, 64), 64, 16, fit=1.0)
+
+
 def _png(path, arr) -> str:
     Image.fromarray(np.asarray(arr, dtype=np.uint8)).save(path)
     return str(path)
@@ -216,6 +227,11 @@ def test_inpaint_cli_mask_and_outpaint(cli, tiny_ckpt, photo, tmp_path):
     assert r.code == 0, r.err
     doc = json.loads((tmp_path / "b" / "edit.json").read_text())
     assert doc["mode"] == "outpaint" and doc["generated_tokens_last_scale"] == 12
+    assert doc["placed_at"] == [12, 12] and doc["placed_size"] == [40, 40]
+    r = cli("inpaint", "--ckpt", str(tiny_ckpt), "--image", photo, "--outpaint", "--fit", "0.9",
+            "--out", str(tmp_path / "c"), "--device", "cpu")  # an 80x48 photo shrunk to 58x35 px
+    assert r.code == 0, r.err
+    assert json.loads((tmp_path / "c" / "edit.json").read_text())["placed_size"] == [58, 35]
 
 
 @pytest.mark.parametrize("args, message", [

@@ -12,7 +12,7 @@ from fvar_core.schedules import radii
 from fvar_core.tokenizer_training import TokenizerTask, train_tokenizer
 from fvar_core.training import complete_checkpoints
 
-from .helpers import make_folder
+from .helpers import kill_at_step, make_folder
 
 # A raised lr and frequent dead-code restarts so 150 CPU steps show real learning.
 FAST = ["tokenizer_train.lr=3e-3", "tokenizer_train.batch_size=4", "tokenizer_train.dead_code_every=25", "tokenizer_train.log_every=10",
@@ -80,18 +80,10 @@ def test_cli_resumes_an_interrupted_run_from_its_last_checkpoint(tmp_path, cli, 
     assert r.code == 0, r.err
     assert f"run directory: {run}" in r.out and "step-0000020" in r.out
     # Stop mid-way: a run of 30 steps that dies at step 25 (after the checkpoint of step 20).
-    import fvar_core.tokenizer_training as tt
-    real_step = tt.TokenizerTask.step
-
-    def dying(self, batch, step):
-        if step == 25:
-            raise KeyboardInterrupt
-        return real_step(self, batch, step)
-
-    monkeypatch.setattr(tt.TokenizerTask, "step", dying)
+    revive = kill_at_step(monkeypatch, TokenizerTask, 25)
     assert cli(*args, "--steps", "30").code == 130
     assert [s for s, _ in complete_checkpoints(run)] == [10, 20]
-    monkeypatch.setattr(tt.TokenizerTask, "step", real_step)
+    revive()
     r = cli(*args, "--steps", "30")
     assert r.code == 0, r.err
     assert "resuming" in r.err and "from step 20" in r.err

@@ -23,7 +23,7 @@ from fvar_core.tokenizer import Tokenizer
 from fvar_core.transformer import VAR
 from fvar_core.training import complete_checkpoints
 
-from .helpers import make_folder
+from .helpers import kill_at_step, make_folder
 
 FAST = ["train.precision=fp32", "train.log_every=5", "train.sample_every=0", "train.warmup_frac=0.05"]
 
@@ -54,7 +54,7 @@ def tokens(tmp_path_factory):
 
 
 def test_student_overfits_a_handful_of_token_sequences(tokens, cli):
-    root, _, shards, _ = tokens
+    root, _, shards, data = tokens
     run = root / "overfit"
     r = cli("train", "--preset", "tiny-64", "--tokens", str(shards), "--out", str(run), "--steps", "150",
             *_sets(*FAST, "train.lr=2e-2", "train.batch_size=8", "model.cond_drop=0", "train.ckpt_every=150"))
@@ -67,6 +67,20 @@ def test_student_overfits_a_handful_of_token_sequences(tokens, cli):
     ck = load_checkpoint(run / "checkpoints" / "step-0000150", expect_kind="var")
     assert find_tokenizer(ck.path, ck.provenance).resolve() == (run / "tokenizer").resolve()
     assert (run / "checkpoints" / "best").read_text().strip() == "step-0000150"
+
+    # What a user does next: sample and inpaint with the run itself (its tokenizer copy and
+    # class index found through the checkpoint's provenance and the run directory).
+    r = cli("sample", "--ckpt", str(run), "--class", "0,1", "--n", "2", "--out", str(root / "samples"),
+            "--device", "cpu")
+    assert r.code == 0, r.err
+    side = json.loads((root / "samples" / "samples.json").read_text())
+    assert [e["class_name"] for e in side["images"]] == ["shapes", "shapes", "strokes", "strokes"]
+    assert (root / "samples" / "grid.png").is_file() and len(list((root / "samples").glob("0*.png"))) == 4
+    image = sorted((data / "strokes").glob("*.png"))[0]
+    r = cli("inpaint", "--ckpt", str(run), "--image", str(image), "--box", "0.25,0.25,0.75,0.75", "--class", "1",
+            "--out", str(root / "edit"), "--device", "cpu")
+    assert r.code == 0, r.err
+    assert all((root / "edit" / f).is_file() for f in ("compare.png", "result.png", "edit.json"))
 
 
 def test_distill_trains_both_and_saves_a_plain_student(tokens, cli, tmp_path):
@@ -104,13 +118,7 @@ def test_resume_equals_an_uninterrupted_run_bitwise(tokens, cli, tmp_path, monke
     import fvar_core.transformer_training as tt
 
     if kill == "step":
-        real = tt.VARTask.step
-
-        def dying(self, batch, step):
-            if step == 6:
-                raise KeyboardInterrupt
-            return real(self, batch, step)
-        monkeypatch.setattr(tt.VARTask, "step", dying)
+        kill_at_step(monkeypatch, tt.VARTask, 6)
     else:
         real_save = ckpt_mod.save_file
         calls = []

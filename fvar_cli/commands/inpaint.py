@@ -19,6 +19,9 @@ def inpaint(
     outpaint: bool = typer.Option(False, "--outpaint", help="Keep the image, centred, and generate around it."),
     canvas: Optional[str] = typer.Option(
         None, "--canvas", help="Outpainting canvas WxH; must be the preset's resolution (default: that)."),
+    fit: Optional[float] = typer.Option(
+        None, "--fit", help="Outpainting: resize the image so its longer side is this fraction of the canvas "
+                            "(e.g. 0.75) before centring it (default: its own size)."),
     class_: Optional[str] = typer.Option(None, "--class", help="Class id to edit towards (default: unconditional)."),
     seed: int = typer.Option(0, "--seed", min=0, help="Seed of the sampled tokens."),
     cfg: Optional[float] = typer.Option(None, "--cfg", help="Guidance strength (default: the preset's)."),
@@ -51,7 +54,7 @@ def inpaint(
         label = ids[0]
     settings = settings_from(models.preset.sample, cfg=cfg, cfg_mode=cfg_mode, top_k=top_k, top_p=top_p,
                              more_smooth=more_smooth)
-    run = edit_to_dir(models, image, out, box=box, mask=mask, outpaint=outpaint, canvas=canvas, label=label,
+    run = edit_to_dir(models, image, out, box=box, mask=mask, outpaint=outpaint, canvas=canvas, fit=fit, label=label,
                       seed=seed, settings=settings)
     typer.echo(f"{run.mode}: generated {run.generated_tokens} of {run.total_tokens} tokens at the last scale; "
                f"wrote {run.compare.name}, {run.result.name} and {run.sidecar.name} to {run.compare.parent}")

@@ -49,7 +49,14 @@ def sample(
     typer.echo(f"{len(ids) * n} images ({len(ids)} class(es) × {n}) from {ident['path']} ({ident['preset']}{step}) "
                f"on {models.device}; cfg {settings.cfg} ({settings.cfg_mode}), top-k {settings.top_k}, "
                f"top-p {settings.top_p}, seed {seed}")
-    run = sample_to_dir(models, ids, n, seed, settings, out, batch_size=batch, tokens_file=save_tokens)
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("sampling"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("sampling", total=len(ids) * n)
+        run = sample_to_dir(models, ids, n, seed, settings, out, batch_size=batch, tokens_file=save_tokens,
+                            progress=lambda done, total: bar.update(task, completed=done))
     typer.echo(f"wrote {len(run.files)} images, {run.grid.name} and {run.sidecar.name} to {run.out} "
                f"in {run.seconds:.1f}s ({len(run.files) / max(run.seconds, 1e-9):.1f} img/s)"
                + (f"; tokens → {run.tokens}" if run.tokens else ""))
