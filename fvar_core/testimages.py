@@ -1,13 +1,16 @@
-"""Built-in test images for looking at and measuring the focus pyramid (`fvar pyramid ...`).
+"""Built-in test images for looking at and measuring the focus pyramid (`fvar pyramid ...`), and
+a small drawn image folder for demos and tests (`draw_image_folder`, `fvar quickstart`).
 
-Each is a float32 (3, N, N) tensor in [0, 1]: a zone plate (every frequency up to Nyquist, radially)
-and a resolution chart (sharp strokes, line-pair groups, a Siemens star, letters) — both moiré
-visibly when area-downsampled.
+Each built-in is a float32 (3, N, N) tensor in [0, 1]: a zone plate (every frequency up to
+Nyquist, radially) and a resolution chart (sharp strokes, line-pair groups, a Siemens star,
+letters) — both moiré visibly when area-downsampled.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable
+import random
+from pathlib import Path
+from typing import Callable, Union
 
 import numpy as np
 import torch
@@ -96,3 +99,36 @@ BUILTIN_IMAGES: dict[str, Callable[[int], torch.Tensor]] = {
     "zone-plate": zone_plate,
     "chart": resolution_chart,
 }
+
+
+DRAWN_CLASSES = ("shapes", "strokes")
+
+
+def draw_image_folder(root: Union[str, Path], per_class: int = 8, size: int = 80, seed: int = 0) -> Path:
+    """An ImageFolder of 2 classes drawn from `seed`: 'shapes' (ellipses and rectangles) and
+    'strokes' (text and thin lines), each over a smooth colour ramp; PNGs of size × (size + 0|8|16)
+    px, so loaders see more than one aspect ratio. Returns root."""
+    root = Path(root)
+    rng = random.Random(seed)
+    for c, name in enumerate(DRAWN_CLASSES):
+        d = root / name
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            im = Image.new("RGB", (size, size + 8 * (i % 3)))
+            px = im.load()
+            a, b, e = (rng.randrange(256) for _ in range(3))
+            for y in range(im.height):
+                for x in range(im.width):
+                    px[x, y] = (a + (255 - a) * x // im.width, b * (im.height - y) // im.height, e)
+            dr = ImageDraw.Draw(im)
+            for _ in range(4):
+                x0, y0 = rng.randrange(size - 20), rng.randrange(size - 20)
+                col = tuple(rng.randrange(256) for _ in range(3))
+                if c == 0:
+                    (dr.ellipse if rng.random() < 0.5 else dr.rectangle)(
+                        [x0, y0, x0 + rng.randrange(8, 20), y0 + rng.randrange(8, 20)], fill=col)
+                else:
+                    dr.text((x0, y0), "fvar" if rng.random() < 0.5 else "VAR 1k", fill=col)
+                    dr.line([x0, y0, x0 + 18, y0 + rng.randrange(-9, 9)], fill=col, width=1)
+            im.save(d / f"{i:02d}.png")
+    return root
