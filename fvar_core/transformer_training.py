@@ -94,9 +94,10 @@ class StudentTeacher(nn.Module):
         return s_logits, s_feats, t_logits, t_feats
 
 
-def check_tokenizer_fits(preset: Preset, tok_preset: Preset, where: str) -> None:
+def check_tokenizer_fits(preset: Preset, tok_preset: Preset, where: str, hint: Optional[str] = None) -> None:
     """The tokenizer a run trains on must be the one its preset describes (codebooks, latent,
-    scales); a one-line UserError naming the first field that differs."""
+    scales); a one-line UserError naming the first field that differs (then `hint`, or how to
+    pick the right preset)."""
     pairs = [("resolution", preset.resolution, tok_preset.resolution),
              ("patch_nums", list(preset.patch_nums), list(tok_preset.patch_nums))]
     a, b = preset.tokenizer.model_dump(), tok_preset.tokenizer.model_dump()
@@ -104,7 +105,7 @@ def check_tokenizer_fits(preset: Preset, tok_preset: Preset, where: str) -> None
     for name, mine, theirs in pairs:
         if mine != theirs:
             raise UserError(f"{where} does not fit preset {preset.name}: {name} is {theirs} there, {mine} in the "
-                            f"preset (choose the preset the tokenizer was made with, or --set {name}=...)")
+                            f"preset ({hint or f'choose the preset the tokenizer was made with, or --set {name}=...'})")
 
 
 def check_shards_fit(preset: Preset, shards: Any, distill: bool) -> None:

@@ -47,7 +47,8 @@ def tokenize(
     dev = pick_device(device)
     ckpt = load_checkpoint(resolve_checkpoint(tokenizer, "--tokenizer"), expect_kind="tokenizer")
     preset = override_preset(ckpt.preset, overrides or [], f"tokenizer {ckpt.path}'s preset")
-    check_tokenizer_fits(preset, ckpt.preset, f"tokenizer {ckpt.path}")
+    check_tokenizer_fits(preset, ckpt.preset, f"tokenizer {ckpt.path}",
+                         hint="--set may change the pyramid, not the tokenizer's architecture")
     tok = build_tokenizer(ckpt)
     index = scan_image_folder(data)
     n_workers = preset.data.num_workers if workers is None else workers
