@@ -22,6 +22,19 @@ def umask() -> int:
     return mask
 
 
+def ensure_dir(path: PathLike, what: str) -> Path:
+    """path as an existing folder (created with its parents); a file in the way or a folder that
+    cannot be made is a one-line UserError naming the option `what`."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{what} {path} exists and is not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{what} {path}: cannot create it ({e.strerror or e})") from None
+    return path
+
+
 def atomic_write(path: PathLike, write: Callable[[BinaryIO], None]) -> None:
     """Call `write(f)` on a temporary file, then rename it to `path`; ENOSPC → UserError."""
     path = Path(path)

@@ -207,8 +207,9 @@ def prepare_outpaint(image: torch.Tensor, canvas: Tuple[int, int], resolution: i
 @torch.no_grad()
 def encode_known(tokenizer, image: torch.Tensor, pyramid: Optional[PyramidConfig] = None) -> List[torch.Tensor]:
     """image (B, 3, R, R) in [0, 1] → K token maps (B, pn²) long, coded as the transformer's training
-    tokens were: with the tokenizer preset's focus pyramid (noise off: editing is deterministic),
-    VAR's plain pyramid when `pyramid` is None or kernel 'area'."""
+    tokens were: with the transformer preset's focus pyramid (the one its token shards were checked
+    against; noise off: editing is deterministic), VAR's plain pyramid when `pyramid` is None or
+    kernel 'area'."""
     x = image * 2 - 1
     if pyramid is None or pyramid.kernel == "area":
         return tokenizer.img_to_idx(x)
@@ -265,15 +266,9 @@ class EditRun:
     total_tokens: int
 
 
-def edit_to_dir(models, image_path: PathLike, out_dir: PathLike, *, box: Optional[str] = None,
-                mask: Optional[PathLike] = None, outpaint: bool = False, canvas: Optional[str] = None,
-                fit: Optional[float] = None, label: Optional[int] = None, seed: int = 0,
-                settings: SampleConfig) -> EditRun:
-    """Validate the request, edit, write compare.png (input | mask | result), result.png, edit.json.
-    label None = unconditional (the null class)."""
-    from .images import load_image, save_png
-    from .sampler import write_json
-
+def check_edit_request(*, box: Optional[str], mask: Optional[PathLike], outpaint: bool, canvas: Optional[str],
+                       fit: Optional[float]) -> None:
+    """The option combinations of `fvar inpaint`, checked before any model is loaded."""
     if outpaint and (box is not None or mask is not None):
         raise UserError("--outpaint generates everything around the image: give no --box or --mask with it")
     if (canvas is not None or fit is not None) and not outpaint:
@@ -281,6 +276,19 @@ def edit_to_dir(models, image_path: PathLike, out_dir: PathLike, *, box: Optiona
     if not outpaint and (box is None) == (mask is None):
         raise UserError("give exactly one of --box x0,y0,x1,y1 or --mask MASK.png (the region to generate), "
                         "or --outpaint")
+
+
+def edit_to_dir(models, image_path: PathLike, out_dir: PathLike, *, box: Optional[str] = None,
+                mask: Optional[PathLike] = None, outpaint: bool = False, canvas: Optional[str] = None,
+                fit: Optional[float] = None, label: Optional[int] = None, seed: int = 0,
+                settings: SampleConfig) -> EditRun:
+    """Validate the request, edit, write compare.png (input | mask | result), result.png, edit.json.
+    label None = unconditional (the null class)."""
+    from .images import load_image, save_png
+    from .atomic import ensure_dir
+    from .sampler import write_json
+
+    check_edit_request(box=box, mask=mask, outpaint=outpaint, canvas=canvas, fit=fit)
     preset = models.preset
     R, patch = preset.resolution, preset.patch_size
     num_classes = models.var.num_classes
@@ -303,13 +311,9 @@ def edit_to_dir(models, image_path: PathLike, out_dir: PathLike, *, box: Optiona
         else:
             gen, region = load_mask(mask, W, H), {"mask": str(mask)}
         inp = prepare_inpaint(image, gen, R, patch)
-    tok_preset = models.tok_ckpt.preset
-    res = edit(models.var, models.tokenizer, inp, label, seed, settings, pyramid=tok_preset.pyramid)
+    out_dir = ensure_dir(Path(out_dir), "--out")
+    res = edit(models.var, models.tokenizer, inp, label, seed, settings, pyramid=preset.pyramid)
 
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--out {out_dir} exists and is not a folder")
-    out_dir.mkdir(parents=True, exist_ok=True)
     compare, result, sidecar = out_dir / "compare.png", out_dir / "result.png", out_dir / "edit.json"
     save_png(side_by_side(inp, res.image), compare)
     save_png(res.image, result)

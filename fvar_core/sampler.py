@@ -187,8 +187,12 @@ def _generators(seeds: Sequence[int]) -> List[torch.Generator]:
 
 
 def _uniforms(gens: Sequence[torch.Generator], n: int, device) -> torch.Tensor:
-    """(B, n) uniforms, row b from generator b (a row never sees another row's draws)."""
-    return torch.stack([torch.rand(n, generator=g) for g in gens]).to(device)
+    """(B, n) uniforms, row b from generator b (a row never sees another row's draws); one copy
+    to the device (pinned and asynchronous on CUDA, so the sampling loop does not wait on it)."""
+    u = torch.stack([torch.rand(n, generator=g) for g in gens])
+    if torch.device(device).type == "cuda":
+        return u.pin_memory().to(device, non_blocking=True)
+    return u.to(device)
 
 
 def _check_labels(labels: torch.Tensor, num_classes: int) -> None:
@@ -221,7 +225,9 @@ def sample_batch(var, tokenizer, labels: torch.Tensor, seeds: Sequence[int], set
         raise ValueError(f"{len(seeds)} seeds for {B} labels")
     _check_labels(labels, var.num_classes)
     gens = _generators(seeds)
-    guided = not guidance_off(settings)
+    # an all-unconditional batch (inpainting's default) has nothing to guide: its null half would
+    # repeat the conditional one
+    guided = not guidance_off(settings) and bool((labels != var.num_classes).any())
     E = quant.embedding.weight  # (V, Cv)
     Cv, P = E.shape[1], pns[-1]
     cuda = device.type == "cuda"
@@ -233,13 +239,20 @@ def sample_batch(var, tokenizer, labels: torch.Tensor, seeds: Sequence[int], set
     cache = var.new_kv_cache(lab.numel(), device, dtype=torch.bfloat16 if cuda else torch.float32)
     f_hat = torch.zeros(B, Cv, P, P, device=device, dtype=torch.float32)
     tokens: List[torch.Tensor] = []
+    # every image's uniforms for all scales drawn up front (the same numbers as per-scale draws
+    # from its generator) and moved once; with more_smooth the gumbel noise follows them
+    begins = [0] + [sum(p * p for p in pns[:k + 1]) for k in range(K)]
+    u_all = _uniforms(gens, begins[-1], device)  # (B, L)
+    if known is not None:
+        known = [k.to(device) for k in known]
+        known_mask = [m.to(device) for m in known_mask]
     with amp:
         x = var.first_scale_input(cond_BD)
         for si, pn in enumerate(pns):
             logits = var.forward_step(cond_BD, x, cache).float()  # (2B or B, l, V)
             if guided:
                 logits = guide(logits[:B], logits[B:], si, K, settings)
-            u = _uniforms(gens, pn * pn, device)
+            u = u_all[:, begins[si]:begins[si + 1]]
             idx, filtered = pick_tokens(logits, u, settings.top_k, settings.top_p, want_filtered=settings.more_smooth)
             if observe is not None:
                 observe(si, logits, idx)
@@ -251,8 +264,8 @@ def sample_batch(var, tokenizer, labels: torch.Tensor, seeds: Sequence[int], set
             else:
                 h = F.embedding(idx, E)  # (B, l, Cv)
             if known is not None:
-                m = known_mask[si].to(device).expand(B, -1)
-                gt = known[si].to(device)
+                m = known_mask[si].expand(B, -1)
+                gt = known[si]
                 idx = torch.where(m, gt, idx)
                 h = torch.where(m.unsqueeze(-1), F.embedding(gt, E), h)
             tokens.append(idx)
@@ -548,53 +561,68 @@ def _class_label(c: int, num_classes: int, names: Optional[List[str]]) -> tuple[
     return (f"class{c:04d}-{slug(name)}" if name else f"class{c:04d}"), name
 
 
+GRID_MAX = 256  # grid.png shows at most this many images (the first ones)
+
+
 def sample_to_dir(models: Models, classes: Sequence[int], n: int, seed: int, settings: SampleConfig,
                   out_dir: PathLike, *, batch_size: Optional[int] = None, tokens_file: Optional[PathLike] = None,
                   progress: Optional[Callable[[int, int], None]] = None) -> SampleRun:
-    """n images of each class → out_dir: one PNG per image, grid.png (one row per class when
-    n ≤ 16), samples.json (every setting, checkpoint and tokenizer identity, per-image class and
-    seed), and optionally the per-scale tokens as .npz. Seeds: SEED_RULE."""
+    """n images of each class → out_dir: one PNG per image (written as each chunk is done, so
+    memory does not grow with N and a kill keeps the finished ones), grid.png (the first
+    GRID_MAX; one row per class when n ≤ 16), samples.json (every setting, checkpoint and
+    tokenizer identity, per-image class and seed), and optionally the per-scale tokens as .npz.
+    Seeds: SEED_RULE. Output paths are checked before anything is sampled."""
     import time
 
+    from .atomic import ensure_dir
     from .images import save_png
 
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--out {out_dir} exists and is not a folder")
+    out_dir = ensure_dir(Path(out_dir), "--out")
+    tok_path = Path(tokens_file) if tokens_file is not None else None
+    if tok_path is not None:
+        if tok_path.is_dir():
+            raise UserError(f"--save-tokens {tok_path} is a folder; give the .npz file to write")
+        ensure_dir(tok_path.parent, "--save-tokens folder")
     num_classes = models.var.num_classes
     names = class_names_for(models.var_ckpt.path)
     labels = [int(c) for c in classes for _ in range(n)]
     seeds = [seed + i for i in range(len(labels))]
     if seeds and seeds[-1] >= 2 ** 63:
         raise UserError(f"--seed {seed}: seed + {len(labels) - 1} exceeds 2^63 - 1")
+    _check_labels(torch.as_tensor(labels), num_classes)
+
+    chunk = max(1, int(batch_size or settings.batch_size))
+    files, entries, token_parts, shown = [], [], [], []
     t0 = time.perf_counter()
-    res = sample(models.var, models.tokenizer, labels, seeds, settings, batch_size=batch_size, progress=progress)
+    for lo in range(0, len(labels), chunk):
+        hi = min(len(labels), lo + chunk)
+        res = sample(models.var, models.tokenizer, labels[lo:hi], seeds[lo:hi], settings, batch_size=chunk)
+        for i, img in zip(range(lo, hi), res.images):
+            part, name = _class_label(labels[i], num_classes, names)
+            path = out_dir / f"{i:04d}-{part}.png"
+            save_png(img, path)
+            files.append(path)
+            entries.append({"file": path.name, "index": i, "class": labels[i], "class_name": name,
+                            "unconditional": labels[i] == num_classes, "seed": seeds[i]})
+        token_parts.append(res.tokens)
+        shown.extend(res.images[:max(0, GRID_MAX - len(shown))])
+        if progress is not None:
+            progress(hi, len(labels))
     seconds = time.perf_counter() - t0
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    files, entries = [], []
-    for i, (c, s, img) in enumerate(zip(labels, seeds, res.images)):
-        part, name = _class_label(c, num_classes, names)
-        path = out_dir / f"{i:04d}-{part}.png"
-        save_png(img, path)
-        files.append(path)
-        entries.append({"file": path.name, "index": i, "class": c, "class_name": name,
-                        "unconditional": c == num_classes, "seed": s})
-    cols = n if (len(classes) > 1 and n <= 16) else math.ceil(math.sqrt(len(labels)))
+    cols = n if (len(classes) > 1 and n <= 16) else math.ceil(math.sqrt(len(shown)))
     grid = out_dir / "grid.png"
-    save_png(make_grid(res.images, cols), grid)
-    tok_path = None
-    if tokens_file is not None:
-        tok_path = Path(tokens_file)
-        save_tokens(tok_path, res.tokens, labels, seeds, models.var.patch_nums)
+    save_png(make_grid(torch.stack(shown), cols), grid)
+    if tok_path is not None:
+        tokens = [torch.cat([t[k] for t in token_parts]) for k in range(len(models.var.patch_nums))]
+        save_tokens(tok_path, tokens, labels, seeds, models.var.patch_nums)
     sidecar = out_dir / "samples.json"
     write_json(sidecar, {
         "format": "fvar-samples", "version": 1,
         "checkpoint": models.identity["checkpoint"], "tokenizer": models.identity["tokenizer"],
         "settings": {**settings.model_dump(mode="json"), "seed": seed, "n_per_class": n,
-                     "classes": [int(c) for c in classes], "batch_size": batch_size or settings.batch_size,
-                     "device": str(models.device)},
+                     "classes": [int(c) for c in classes], "batch_size": chunk, "device": str(models.device)},
         "seed_rule": SEED_RULE, "resolution": models.preset.resolution,
-        "patch_nums": list(models.var.patch_nums), "grid": grid.name,
+        "patch_nums": list(models.var.patch_nums), "grid": grid.name, "grid_images": len(shown),
         "tokens": str(tok_path) if tok_path else None, "seconds": round(seconds, 3), "images": entries})
     return SampleRun(out_dir, files, grid, sidecar, tok_path, seconds)

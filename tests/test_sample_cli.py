@@ -140,6 +140,18 @@ def test_bad_sample_arguments_are_one_line_errors(cli, tiny_ckpt, tmp_path, args
     assert "Traceback" not in r.err
 
 
+@pytest.mark.parametrize("where", ["out-is-a-file", "tokens-is-a-folder"])
+def test_output_paths_are_checked_before_anything_is_sampled(cli, tiny_ckpt, tmp_path, where):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "folder").mkdir()
+    out = tmp_path / ("file" if where == "out-is-a-file" else "s")
+    r = cli("sample", "--ckpt", str(tiny_ckpt), "--class", "1", "--n", "2", "--out", str(out), "--device", "cpu",
+            "--save-tokens", str(tmp_path / "folder"))
+    assert r.code == 2
+    assert ("exists and is not a folder" if where == "out-is-a-file" else "is a folder") in _err_line(r)
+    assert not list(tmp_path.rglob("*.png"))
+
+
 def test_no_checkpoint_in_runs_dir_is_a_one_line_error(cli, tmp_path, monkeypatch):
     monkeypatch.setenv("FVAR_RUNS", str(tmp_path / "empty"))
     r = cli("sample", "--class", "1", "--out", str(tmp_path / "s"))

@@ -38,10 +38,11 @@ def inpaint(
     """Regenerate a region of an image (inpainting) or extend it to the full canvas (outpainting),
     keeping the image's own tokens everywhere else at every scale."""
     from fvar_core.errors import UserError
-    from fvar_core.inpaint import edit_to_dir
+    from fvar_core.inpaint import check_edit_request, edit_to_dir
     from fvar_core.runs import newest_checkpoint
     from fvar_core.sampler import load_models, parse_classes, settings_from
 
+    check_edit_request(box=box, mask=mask, outpaint=outpaint, canvas=canvas, fit=fit)
     if ckpt is None:
         ckpt = newest_checkpoint("var")
         typer.echo(f"using the newest var checkpoint: {ckpt}")
