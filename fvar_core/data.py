@@ -93,7 +93,7 @@ class FolderIndex:
         return h.hexdigest()
 
 
-def _images_under(folder: Path) -> Tuple[List[Path], int]:
+def images_under(folder: Path) -> Tuple[List[Path], int]:
     """Image files below `folder` (recursive, hidden entries skipped, symlinks followed), sorted
     by relative path; and the number of other files."""
     found, other = [], 0
@@ -132,7 +132,7 @@ def scan_image_folder(root: Union[str, Path]) -> FolderIndex:
     if subdirs:
         classes = tuple(subdirs)
         for y, name in enumerate(classes):
-            found, other = _images_under(root / name)
+            found, other = images_under(root / name)
             files += found
             labels += [y] * len(found)
             ignored += other

@@ -88,14 +88,18 @@ def evaluate_samples(samples: PathLike, ref: str, extractor: InceptionFeatures, 
     """Evaluate the images of `samples` (or exactly `files`) against `ref`; returns the report."""
     metrics = tuple(metrics)
     fs = samples_folder(samples, files)
-    check_reference(ref, fs.size, extractor.weights.sha256)  # fail before the feature pass
-    t0 = time.perf_counter()
     need_ref_features = "kid" in metrics or "prc" in metrics
+    reference = None  # IS alone needs none
+    t0 = time.perf_counter()
+    if need_ref_features or "fid" in metrics:
+        # the reference first: its problems (a corrupt image, a truncated .npz) surface before the
+        # sample pass, not after it
+        check_reference(ref, fs.size, extractor.weights.sha256)
+        reference = open_reference(ref, fs.size, extractor, need_ref_features, batch_size,
+                                   progress=_stage(progress, "reference features"))
+    t1 = time.perf_counter()
     sp = feature_pass(read_files(fs.files, batch_size), extractor, len(fs.files), logits="isc" in metrics,
                       progress=_stage(progress, "sample features"))
-    t1 = time.perf_counter()
-    reference = open_reference(ref, fs.size, extractor, need_ref_features, batch_size,
-                               progress=_stage(progress, "reference features"))
     t2 = time.perf_counter()
     values: Dict[str, Any] = {}
     if "fid" in metrics:
@@ -118,10 +122,10 @@ def evaluate_samples(samples: PathLike, ref: str, extractor: InceptionFeatures, 
         "metrics": values,
         "samples": {"path": str(fs.root.resolve()), "count": len(fs.files), "size": [fs.size[1], fs.size[0]],
                     "preprocessing": "none (files used as they are)"},
-        "reference": reference.describe(),
+        "reference": reference.describe() if reference is not None else None,
         "protocol": {"extractor": extractor.protocol(), "metrics": proto,
                      "generation": generation, "seeds": None if generation is None else generation["seeds"]},
-        "timings_s": {"sample_features": round(t1 - t0, 3), "reference": round(t2 - t1, 3),
+        "timings_s": {"reference": round(t1 - t0, 3), "sample_features": round(t2 - t1, 3),
                       "metrics": round(t3 - t2, 3)},
     }
 
@@ -183,7 +187,8 @@ def evaluate_checkpoint(ckpt: PathLike, ref: str, extractor: InceptionFeatures, 
         raise UserError(f"{ck_dir} is a {cfg['kind']} checkpoint, expected a var (transformer) checkpoint")
     preset = validate(cfg["preset"], f"checkpoint {ck_dir} preset")
     R = preset.resolution
-    check_reference(ref, (R, R), extractor.weights.sha256)  # before generating anything
+    if set(metrics) - {"isc"}:
+        check_reference(ref, (R, R), extractor.weights.sha256)  # before generating anything
     labels = class_labels(num_samples, per_class, preset.model.num_classes)
     seeds = [seed + i for i in range(num_samples)]
     settings = settings_from(preset.sample, **(settings_overrides or {}))
@@ -200,7 +205,9 @@ def evaluate_checkpoint(ckpt: PathLike, ref: str, extractor: InceptionFeatures, 
         "resolution": R, "out": str(out_dir.resolve()),
     }
     _check_generation(out_dir, generation)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    from .atomic import ensure_dir
+
+    ensure_dir(out_dir, "--out")
     write_json(out_dir / GENERATION_NAME, {**generation, "created": _utc_now()})
     t0 = time.perf_counter()
     before = sum(1 for i in range(num_samples) if (out_dir / f"{i:06d}.png").is_file())

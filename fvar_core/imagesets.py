@@ -92,19 +92,26 @@ def _image_size(path: Path) -> Tuple[int, int]:
         raise UserError(unreadable_reason(path, e)) from None
 
 
-def samples_folder(path: PathLike, files: Optional[Sequence[PathLike]] = None) -> FileSet:
-    """The images of a samples folder (any layout, see data.scan_image_folder) or exactly `files`;
-    checks that there are some and that they share one size."""
-    from .data import scan_image_folder
+def folder_images(root: PathLike, what: str) -> List[Path]:
+    """Every image file below `root` (recursive, any layout: flat, class folders, or both — unlike
+    a training ImageFolder, files beside class folders count too), sorted; none → UserError."""
+    from .data import images_under
 
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"{what} {root}: " + ("no such folder" if not root.exists() else "not a folder"))
+    files = images_under(root)[0]
+    if not files:
+        raise UserError(f"{what} {root} holds no image files (.png, .jpg, ...): it is empty")
+    return files
+
+
+def samples_folder(path: PathLike, files: Optional[Sequence[PathLike]] = None) -> FileSet:
+    """The images of a samples folder (every image below it, `folder_images`) or exactly `files`;
+    checks that there are some and that they share one size."""
     root = Path(path)
     if files is None:
-        if not root.is_dir():
-            raise UserError(f"samples folder {root}: " + ("no such folder" if not root.exists() else "not a folder"))
-        try:
-            files = list(scan_image_folder(root).files)
-        except UserError:
-            raise UserError(f"samples folder {root} holds no image files (.png, .jpg, ...)") from None
+        files = folder_images(root, "samples folder")
     files = [Path(f) for f in files]
     if not files:
         raise UserError(f"samples folder {root} holds no image files (.png, .jpg, ...)")

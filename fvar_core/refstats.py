@@ -41,7 +41,7 @@ import numpy as np
 from .atomic import umask
 from .errors import UserError
 from .features import InceptionFeatures, extract_batch
-from .imagesets import CROP_DESCRIPTION, crop_transform, open_npz, read_files
+from .imagesets import CROP_DESCRIPTION, crop_transform, folder_images, open_npz, read_files
 from .metrics import RunningStats
 
 ENV_CACHE = "FVAR_CACHE"
@@ -275,9 +275,10 @@ def check_reference(spec: str, hw: Tuple[int, int], weights_sha256: Optional[str
             raise _res_error(f"reference batch {p.name}", npz.size, hw, "use the batch of the samples' resolution")
         return "npz"
     if p.is_dir():
-        from .data import scan_image_folder
-
-        scan_image_folder(p)  # an empty folder, or one without images, fails here
+        folder_images(p, "reference folder")  # an empty folder fails here
+        if hw[0] != hw[1]:
+            raise UserError(f"samples are {hw[1]}×{hw[0]}, and a folder reference is compared as square "
+                            f"{hw[0]}×{hw[0]} ADM crops: FID across shapes is meaningless; use square samples")
         return "folder"
     if Path(spec).suffix == ".npz" or os.sep in spec:
         raise UserError(f"--ref {spec}: no such file or folder")
@@ -307,8 +308,15 @@ def _npz_features(npz, extractor: InceptionFeatures, batch_size: int, progress: 
     p = feature_pass(npz.batches(batch_size), extractor, npz.count, progress=progress)
     buf = io.BytesIO()
     np.savez(buf, **p.stats.state())
-    _write_dir_atomically(d, {"features.npy": p.features, "stats.npz": buf.getvalue(),
-                              "source.json": {"npz": str(npz.path.resolve()), "weights_sha256": extractor.weights.sha256}})
+    try:
+        _write_dir_atomically(d, {"features.npy": p.features, "stats.npz": buf.getvalue(),
+                                  "source.json": {"npz": str(npz.path.resolve()),
+                                                  "weights_sha256": extractor.weights.sha256}})
+    except OSError as e:  # an unwritable cache costs the next run time, never this run its result
+        import warnings
+
+        warnings.warn(f"could not cache the .npz features in {d} ({e.strerror or e}); they are recomputed "
+                      f"next time (set FVAR_CACHE to a writable folder)", stacklevel=2)
     return p
 
 
@@ -319,27 +327,30 @@ def open_reference(spec: str, hw: Tuple[int, int], extractor: InceptionFeatures,
     if kind == "npz":
         npz = open_npz(Path(spec).expanduser())
         ident = f"ADM batch {npz.path.name} ({npz.count} images)"
-        p = _npz_features(npz, extractor, batch_size, progress) if (need_features or not npz.has_stats) else None
-        if npz.has_stats:
+        # ADM's stored mu/sigma are the official Inception's statistics: against features of other
+        # weights they compare two different networks, so then they are recomputed from arr_0
+        stored = npz.has_stats and extractor.weights.official
+        p = _npz_features(npz, extractor, batch_size, progress) if (need_features or not stored) else None
+        if stored:
             mu, sigma = npz.stats()
             src = "stored mu/sigma of the .npz (ADM's protocol)"
         else:
             mu, sigma = p.stats.mean_cov()
-            src = "computed from arr_0 (no mu/sigma in the .npz)"
+            src = ("computed from arr_0 (the stored mu/sigma belong to the official Inception weights, not these)"
+                   if npz.has_stats else "computed from arr_0 (no mu/sigma in the .npz)")
         return Reference(spec, "npz", ident, str(npz.path.resolve()), npz.size, npz.count, mu, sigma,
                          None if p is None else p.features, src)
     if kind == "folder":
-        from .data import scan_image_folder
-
-        index = scan_image_folder(Path(spec).expanduser())
+        root = Path(spec).expanduser()
+        files = folder_images(root, "reference folder")
         transform = crop_transform("adm", hw[0])
         # FID statistics over every image; pool features kept for KID / precision-recall from a
         # fixed-seed subset of at most MAX_FEATURES, as `ref build` does (ADM: 10,000)
-        p = feature_pass(read_files(list(index.files), batch_size, transform), extractor, len(index),
-                         keep=subset_indices(len(index), MAX_FEATURES), progress=progress)
+        p = feature_pass(read_files(files, batch_size, transform), extractor, len(files),
+                         keep=subset_indices(len(files), MAX_FEATURES), progress=progress)
         mu, sigma = p.stats.mean_cov()
-        return Reference(spec, "folder", f"folder {index.root} ({len(index)} images, ADM crop at {hw[0]})",
-                         str(index.root.resolve()), (hw[0], hw[0]), p.stats.n, mu, sigma, p.features,
+        return Reference(spec, "folder", f"folder {root} ({len(files)} images, ADM crop at {hw[0]})",
+                         str(root.resolve()), (hw[0], hw[0]), p.stats.n, mu, sigma, p.features,
                          "computed from the folder (ADM crop)")
     meta = read_meta(spec)
     d = refs_dir() / spec

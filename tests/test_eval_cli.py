@@ -70,7 +70,8 @@ def test_samples_against_a_folder_and_the_equivalent_adm_npz_give_the_same_numbe
 
 def test_an_adm_npz_with_stored_statistics_gives_the_folders_fid(cli, env, monkeypatch):
     """ADM's full layout — arr_0 plus the mu/sigma of the same images — through --feature-weights
-    (not the environment variable): FID from the stored statistics equals the folder's."""
+    (not the environment variable). With weights that are not the official Inception the stored
+    statistics are not used (they would be another network's), and the FID equals the folder's."""
     from fvar_core.features import load_extractor
     from fvar_core.refstats import open_reference
 
@@ -87,7 +88,7 @@ def test_an_adm_npz_with_stored_statistics_gives_the_folders_fid(cli, env, monke
         assert r.code == 0, r.err
         reports[name] = json.loads((env / f"{name}.json").read_text())
     a, b = reports["folder"], reports["npz"]
-    assert "stored mu/sigma" in b["reference"]["fid_statistics"]
+    assert "belong to the official Inception weights" in b["reference"]["fid_statistics"]
     assert b["metrics"]["fid"] == pytest.approx(a["metrics"]["fid"], rel=1e-6) and a["metrics"]["fid"] > 0
     assert (b["metrics"]["precision"], b["metrics"]["recall"]) == (a["metrics"]["precision"], a["metrics"]["recall"])
     assert b["protocol"]["extractor"]["weights"]["source"] == "path"
@@ -165,6 +166,15 @@ def test_a_reference_of_other_inception_weights_fails_before_anything_is_generat
             str(env / "other.pth"), "--num-samples", "2", "--per-class", "1", "--out", str(out), "--device", "cpu")
     _one_line_error(r, "other Inception weights", "r64")
     assert not out.exists() or not any(out.glob("*.png"))
+
+
+def test_inception_score_alone_needs_no_reference_and_every_image_below_the_folder_counts(cli, env):
+    samples = image_folder(env / "s", 3, size=32, seed=7)
+    image_folder(samples / "more", 2, size=32, seed=8)  # images beside a sub-folder, and in it
+    r = cli("eval", "--samples", str(samples), "--metrics", "isc", "--json", str(env / "is.json"))
+    assert r.code == 0, r.err  # no reference named imagenet-stats exists, and none is needed
+    rep = json.loads((env / "is.json").read_text())
+    assert rep["samples"]["count"] == 5 and rep["reference"] is None and set(rep["metrics"]) == {"isc"}
 
 
 def test_offline_without_weights_is_one_line_with_both_ways_out(cli, env, monkeypatch):

@@ -4,6 +4,8 @@ files), image sets (ADM crop, sample folders, ADM .npz), references (stored stat
 machines: the tests make their own (evalkit.inception_weights) and never reach the network."""
 from __future__ import annotations
 
+import dataclasses
+
 import datetime
 import json
 import urllib.error
@@ -134,6 +136,10 @@ def test_npz_with_stored_statistics_uses_them_and_caches_arr0_features(tmp_path,
     mu, sigma = np.arange(2048.0), np.eye(2048) * 2.0
     path = _npz(tmp_path / "VIRTUAL_test.npz", arr_0=imgs, mu=mu, sigma=sigma)
     ex = features.load_extractor(weights)
+    # the test's weights are not the official Inception: stored statistics would compare two networks
+    ours = refstats.open_reference(str(path), (32, 32), ex, need_features=False)
+    assert "not these" in ours.fid_statistics and not np.array_equal(ours.mu, mu)
+    ex.weights = dataclasses.replace(ex.weights, official=True)  # as with torch-fidelity's own file
     ref = refstats.open_reference(str(path), (32, 32), ex, need_features=False)
     assert ref.features is None and "stored mu/sigma" in ref.fid_statistics  # FID alone reads no image
     np.testing.assert_array_equal(ref.mu, mu)

@@ -92,7 +92,9 @@ def _print_report(report: dict, json_path: Optional[Path]) -> None:
         table.add_row("recall", f"{m['recall']:.4f}")
     Console().print(table)
     w = report["protocol"]["extractor"]["weights"]
-    typer.echo(f"reference: {report['reference']['identity']}; FID statistics {report['reference']['fid_statistics']}")
+    if report["reference"] is not None:
+        typer.echo(f"reference: {report['reference']['identity']}; FID statistics "
+                   f"{report['reference']['fid_statistics']}")
     typer.echo(f"Inception weights: {w['path']} (sha256 {w['sha256'][:12]}…"
                f"{', torch-fidelity' if w['official'] else ''})")
     if json_path is not None:
