@@ -92,9 +92,8 @@ def evaluate_samples(samples: PathLike, ref: str, extractor: InceptionFeatures, 
     reference = None  # IS alone needs none
     t0 = time.perf_counter()
     if need_ref_features or "fid" in metrics:
-        # the reference first: its problems (a corrupt image, a truncated .npz) surface before the
-        # sample pass, not after it
-        check_reference(ref, fs.size, extractor.weights.sha256)
+        # the reference first (open_reference checks it before any work): its problems — a corrupt
+        # image, a truncated .npz — surface before the sample pass, not after it
         reference = open_reference(ref, fs.size, extractor, need_ref_features, batch_size,
                                    progress=_stage(progress, "reference features"))
     t1 = time.perf_counter()

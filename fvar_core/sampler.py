@@ -241,8 +241,7 @@ def sample_batch(var, tokenizer, labels: torch.Tensor, seeds: Sequence[int], set
     tokens: List[torch.Tensor] = []
     # every image's uniforms for all scales drawn up front (the same numbers as per-scale draws
     # from its generator) and moved once; with more_smooth the gumbel noise follows them
-    begins = [0] + [sum(p * p for p in pns[:k + 1]) for k in range(K)]
-    u_all = _uniforms(gens, begins[-1], device)  # (B, L)
+    u_all = _uniforms(gens, var.seq_len, device)  # (B, L)
     if known is not None:
         known = [k.to(device) for k in known]
         known_mask = [m.to(device) for m in known_mask]
@@ -252,7 +251,7 @@ def sample_batch(var, tokenizer, labels: torch.Tensor, seeds: Sequence[int], set
             logits = var.forward_step(cond_BD, x, cache).float()  # (2B or B, l, V)
             if guided:
                 logits = guide(logits[:B], logits[B:], si, K, settings)
-            u = u_all[:, begins[si]:begins[si + 1]]
+            u = u_all[:, slice(*var.begin_ends[si])]
             idx, filtered = pick_tokens(logits, u, settings.top_k, settings.top_p, want_filtered=settings.more_smooth)
             if observe is not None:
                 observe(si, logits, idx)
@@ -482,7 +481,7 @@ def write_json(path: PathLike, doc: Dict[str, Any]) -> None:
 # Resumable folder generation (fvar eval)
 # ------------------------------------------------------------------------------------------------
 
-def _progress_bar(total: int, initial: int, enabled: bool):
+def progress_bar(total: int, initial: int = 0, enabled: bool = True):
     """(update(done), close()) over a rich bar on stderr, or no-ops."""
     if not enabled:
         return (lambda done: None), (lambda: None)
@@ -518,7 +517,7 @@ def generate_to_folder(var_ckpt: Path, out_dir: Path, labels: Sequence[int], see
     models = load_models(var_ckpt, tokenizer, device)
     _check_labels(torch.as_tensor(labels), models.var.num_classes)
     step = max(1, int(batch_size))
-    update, close = _progress_bar(len(paths), len(paths) - len(todo), progress)
+    update, close = progress_bar(len(paths), len(paths) - len(todo), progress)
     try:
         done = len(paths) - len(todo)
         for s in range(0, len(todo), step):

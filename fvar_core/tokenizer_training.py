@@ -225,24 +225,24 @@ class TokenizerTask:
         l1 = (recon - img).abs().mean()
         l2 = (recon - img).square().mean()
         rec = c.l1_weight * l1 + c.l2_weight * l2
-        loss = rec + c.vq_weight * vq.vq_loss
         metrics: Dict[str, Any] = {"recon": rec.detach(), "l1": l1.detach(), "l2": l2.detach(),
                                    "vq": vq.vq_loss.detach(), "psnr": psnr(recon.detach(), img)}
+        nll = rec  # the image-space terms: what VQGAN's adaptive weight balances the generator against
+        if self.perceptual is not None and c.perceptual_weight > 0:
+            self.perceptual.to(img.device)
+            p = self.perceptual(recon, img)
+            nll = nll + c.perceptual_weight * p
+            metrics["perceptual"] = p.detach()
+        loss = nll + c.vq_weight * vq.vq_loss
         if vq.alias_loss is not None:
             loss = loss + c.alias_weight * vq.alias_loss
             metrics["alias_vq"] = vq.alias_loss.detach()
             metrics["alias_energy"] = vq.alias_energy.detach()
-        if self.perceptual is not None and c.perceptual_weight > 0:
-            self.perceptual.to(img.device)
-            p = self.perceptual(recon, img)
-            loss = loss + c.perceptual_weight * p
-            metrics["perceptual"] = p.detach()
         if self.disc is not None:
             from .discriminator import adaptive_weight
 
             g_loss, d_loss, d_metrics = out[2], out[3], out[4]
             on = step >= c.disc_start
-            nll = loss - c.vq_weight * vq.vq_loss - (c.alias_weight * vq.alias_loss if vq.alias_loss is not None else 0)
             lam = adaptive_weight(nll, g_loss, self.tok.decoder.conv_out.weight) if on and c.disc_adaptive \
                 else torch.ones((), device=img.device)
             # before disc_start: × 0, not skipped, so every parameter has a gradient (DDP)

@@ -417,6 +417,7 @@ def fit(task: Task, data: Any, run_dir: Union[str, Path], cfg: Any, preset: Pres
     process only, after every rank has checked the directory, before any rank trains.
     """
     from accelerate import Accelerator
+    from accelerate.utils import DistributedType
 
     from .checkpoints import load_checkpoint, load_training_state, save_checkpoint
     from .presets import preset_to_yaml
@@ -427,12 +428,11 @@ def fit(task: Task, data: Any, run_dir: Union[str, Path], cfg: Any, preset: Pres
     mp = {"bf16": "bf16", "fp16": "fp16"}.get(S.precision, "no") if use_cuda else "no"
     acc = Accelerator(cpu=not use_cuda, mixed_precision=mp)
     dev, main = acc.device, acc.is_main_process
-    sharded = str(acc.distributed_type).rsplit(".", 1)[-1]
-    if sharded in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+    if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
         # Checkpoints, the "ranks agree" check and sample grids read full state dicts on one rank:
         # right for replicated (DDP) weights, wrong for sharded ones. Refuse rather than save shards.
-        raise UserError(f"accelerate is configured for {sharded}; fvar's loop supports one device and DDP "
-                        f"(accelerate launch --multi_gpu) so far: choose DDP in `accelerate config`")
+        raise UserError(f"accelerate is configured for {acc.distributed_type.name}; fvar's loop supports one "
+                        f"device and DDP (accelerate launch --multi_gpu) so far: choose DDP in `accelerate config`")
 
     # 1. The run directory: refuse another run's before touching anything.
     check_run_dir(run_dir, preset)

@@ -35,7 +35,7 @@ def sample(
 ) -> None:
     """Sample images of the given classes; defaults come from the checkpoint's preset (`sample:`)."""
     from fvar_core.runs import newest_checkpoint
-    from fvar_core.sampler import load_models, parse_classes, sample_to_dir, settings_from
+    from fvar_core.sampler import load_models, parse_classes, progress_bar, sample_to_dir, settings_from
 
     if ckpt is None:
         ckpt = newest_checkpoint("var")
@@ -49,14 +49,12 @@ def sample(
     typer.echo(f"{len(ids) * n} images ({len(ids)} class(es) × {n}) from {ident['path']} ({ident['preset']}{step}) "
                f"on {models.device}; cfg {settings.cfg} ({settings.cfg_mode}), top-k {settings.top_k}, "
                f"top-p {settings.top_p}, seed {seed}")
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    with Progress(TextColumn("sampling"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task("sampling", total=len(ids) * n)
+    update, close = progress_bar(len(ids) * n)
+    try:
         run = sample_to_dir(models, ids, n, seed, settings, out, batch_size=batch, tokens_file=save_tokens,
-                            progress=lambda done, total: bar.update(task, completed=done))
+                            progress=lambda done, total: update(done))
+    finally:
+        close()
     typer.echo(f"wrote {len(run.files)} images, {run.grid.name} and {run.sidecar.name} to {run.out} "
                f"in {run.seconds:.1f}s ({len(run.files) / max(run.seconds, 1e-9):.1f} img/s)"
                + (f"; tokens → {run.tokens}" if run.tokens else ""))
