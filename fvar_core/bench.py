@@ -455,6 +455,7 @@ def train_benchmark(preset, *, device: torch.device, distill: bool, batch: int, 
             "model": {"preset": p.name, "mode": "distill" if distill else "train", "depth": p.model.depth,
                       "width": p.model.width, "resolution": p.resolution, "seq_len": p.seq_len},
             "settings": {"batch": batch, "steps": steps, "warmup": warmup,
-                         "precision": p.train.precision if device.type == "cuda" else "fp32",
+                         "precision": p.train.precision if device.type == "cuda" else
+                         ("bf16 autocast" if p.train.cpu_bf16 else "fp32"),
                          "compile": p.train.compile, "activation_checkpointing": p.train.activation_checkpointing},
             "results": res}

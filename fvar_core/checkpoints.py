@@ -39,7 +39,8 @@ FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 TRAINING_STATE_NAME = "training_state.pt"
-KINDS = ("tokenizer", "var", "teacher")
+KINDS = ("tokenizer", "var", "teacher", "classifier")
+PRESETLESS_KINDS = ("classifier",)  # their config.json holds their own architecture, not a preset
 
 DEFAULT_TOKENIZER_PRESET = "var-d16-256"  # the preset of the official vae_ch160v4096z32.pth
 DEFAULT_VAR_PRESET = "var-d16-256"
@@ -54,9 +55,10 @@ class Checkpoint:
 
     path: Path  # the checkpoint directory
     kind: str
-    preset: Preset
+    preset: Optional[Preset]  # None for PRESETLESS_KINDS
     state_dict: StateDict
     provenance: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # config.json's other top-level entries
 
 
 def _fvar_version() -> str:
@@ -116,17 +118,9 @@ def _is_fvar_checkpoint_dir(path: Path) -> bool:
     return isinstance(data, dict) and data.get("format") == FORMAT
 
 
-def save_checkpoint(directory: PathLike, *, kind: str, preset: Preset, state_dict: Mapping[str, torch.Tensor],
-                    provenance: Optional[Mapping[str, Any]] = None,
-                    training_state: Optional[Mapping[str, Any]] = None) -> Path:
-    """Write an fvar checkpoint directory atomically and return its path.
-
-    An existing fvar checkpoint (or empty directory) at `directory` is replaced; anything else
-    there is refused. `training_state` (optional, e.g. optimizer state) goes to training_state.pt
-    in the same atomic step. On ENOSPC nothing is overwritten and a UserError says so.
-    """
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+def check_checkpoint_target(directory: PathLike) -> Path:
+    """The path a checkpoint may be written to (absent, empty, or an fvar checkpoint to replace);
+    anything else is a UserError — callers check it before long work, `save_checkpoint` again."""
     target = Path(directory)
     if target.exists() or target.is_symlink():
         if not target.is_dir() or target.is_symlink():
@@ -134,10 +128,30 @@ def save_checkpoint(directory: PathLike, *, kind: str, preset: Preset, state_dic
         if any(target.iterdir()) and not _is_fvar_checkpoint_dir(target):
             raise UserError(f"{target} exists and is not an fvar checkpoint; refusing to replace it "
                             f"(choose another --out or remove it)")
+    return target
+
+
+def save_checkpoint(directory: PathLike, *, kind: str, preset: Optional[Preset],
+                    state_dict: Mapping[str, torch.Tensor], provenance: Optional[Mapping[str, Any]] = None,
+                    training_state: Optional[Mapping[str, Any]] = None,
+                    extra: Optional[Mapping[str, Any]] = None) -> Path:
+    """Write an fvar checkpoint directory atomically and return its path.
+
+    An existing fvar checkpoint (or empty directory) at `directory` is replaced; anything else
+    there is refused. `training_state` (optional, e.g. optimizer state) goes to training_state.pt
+    in the same atomic step. On ENOSPC nothing is overwritten and a UserError says so. `extra`:
+    more top-level config.json entries (a classifier's architecture, which has no preset).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if (preset is None) != (kind in PRESETLESS_KINDS):
+        raise ValueError(f"a {kind} checkpoint {'has no' if kind in PRESETLESS_KINDS else 'needs a'} preset")
+    target = check_checkpoint_target(directory)
     prov = {"fvar_version": _fvar_version(), "created": _utc_now()}
     prov.update(provenance or {})
     config = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind,
-              "preset": preset.model_dump(mode="json"), "provenance": prov}
+              **({"preset": preset.model_dump(mode="json")} if preset is not None else {}),
+              **dict(extra or {}), "provenance": prov}
     config_text = json.dumps(config, indent=2) + "\n"  # fails here, before any file is touched
     tensors = _for_safetensors(state_dict)
 
@@ -230,7 +244,7 @@ def read_checkpoint_config(path: PathLike) -> tuple[Path, dict[str, Any]]:
     if data.get("kind") not in KINDS:
         raise UserError(f"{cfg_path}: unknown checkpoint kind {data.get('kind')!r} (expected one of "
                         f"{', '.join(KINDS)})")
-    if not isinstance(data.get("preset"), dict):
+    if data["kind"] not in PRESETLESS_KINDS and not isinstance(data.get("preset"), dict):
         raise UserError(f"{cfg_path} is corrupt: no preset mapping")
     if not isinstance(data.get("provenance", {}), dict):
         raise UserError(f"{cfg_path} is corrupt: provenance is not a mapping")
@@ -252,7 +266,7 @@ def load_checkpoint(path: PathLike, expect_kind: Optional[str] = None, device: U
     kind = data["kind"]
     if expect_kind is not None and kind != expect_kind:
         raise UserError(f"{d} is {_article(kind)} {kind} checkpoint, expected {_article(expect_kind)} {expect_kind}")
-    preset = validate(data["preset"], f"checkpoint {d} preset")
+    preset = validate(data["preset"], f"checkpoint {d} preset") if kind not in PRESETLESS_KINDS else None
     weights = d / WEIGHTS_NAME
     if not weights.is_file():
         raise UserError(f"{d} has {CONFIG_NAME} but no {WEIGHTS_NAME}")
@@ -261,8 +275,9 @@ def load_checkpoint(path: PathLike, expect_kind: Optional[str] = None, device: U
     except Exception as e:  # SafetensorError, OSError, ...: the file, not the program, is wrong
         detail = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"{weights} is unreadable or corrupt ({detail})") from None
+    extra = {k: v for k, v in data.items() if k not in ("format", "format_version", "kind", "preset", "provenance")}
     return Checkpoint(path=d, kind=kind, preset=preset, state_dict=state_dict,
-                      provenance=dict(data.get("provenance", {})))
+                      provenance=dict(data.get("provenance", {})), extra=extra)
 
 
 def load_training_state(path: PathLike) -> Optional[dict[str, Any]]:
@@ -275,7 +290,7 @@ def load_training_state(path: PathLike) -> Optional[dict[str, Any]]:
 
 
 # --------------------------------------------------------------------------------- build models
-def _load_strict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], where: str) -> None:
+def load_strict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], where: str) -> None:
     """load_state_dict(strict) with a one-line UserError naming the first mismatch."""
     own = model.state_dict()
     for k, v in own.items():
@@ -299,7 +314,7 @@ def build_tokenizer(ckpt: Checkpoint):
     if ckpt.kind != "tokenizer":
         raise UserError(f"{ckpt.path} is {_article(ckpt.kind)} {ckpt.kind} checkpoint, expected a tokenizer")
     tok = Tokenizer.from_config(ckpt.preset.tokenizer, ckpt.preset.patch_nums)
-    _load_strict(tok, ckpt.state_dict, f"checkpoint {ckpt.path}")
+    load_strict(tok, ckpt.state_dict, f"checkpoint {ckpt.path}")
     return tok
 
 
@@ -325,7 +340,7 @@ def build_var(ckpt: Checkpoint, attn_backend: str = "auto"):
     p = ckpt.preset
     model = tr.VAR.from_config(p.model, p.patch_nums, p.tokenizer.vocab_size, p.tokenizer.z_channels,
                                attn_backend=attn_backend)
-    _load_strict(model, ckpt.state_dict, f"checkpoint {ckpt.path}")
+    load_strict(model, ckpt.state_dict, f"checkpoint {ckpt.path}")
     return model
 
 

@@ -132,7 +132,9 @@ class TrainConfig(_Strict):
     lr_end: float = Field(0.01, ge=0.0, le=1.0, description="lin0 decay ends at this × peak")
     grad_clip: float = Field(2.0, ge=0.0, description="0 = off")
     grad_accum: int = Field(1, ge=1)
-    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    precision: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="autocast on CUDA")
+    cpu_bf16: bool = Field(False, description="bf16 autocast on CPU too (fp32 weights; ~1.6x faster on CPUs with "
+                                              "AVX512-BF16); off: the CPU path stays the exact fp32 reference")
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     seed: int = Field(0, ge=0)
     log_every: int = Field(50, ge=1)
@@ -156,6 +158,9 @@ class TokenizerTrainConfig(_Strict):
     steps: int = Field(100_000, ge=1)
     batch_size: int = Field(256, ge=1)
     lr: float = Field(1e-4, gt=0.0)
+    lr_schedule: Literal["constant", "lin0"] = Field(
+        "constant", description="after the 1% warm-up: constant, or lin0 (flat 5%, then linear to lr_end × lr)")
+    lr_end: float = Field(0.01, ge=0.0, le=1.0, description="with lr_schedule lin0: the last step's lr / lr")
     l1_weight: float = Field(1.0, ge=0.0)
     l2_weight: float = Field(1.0, ge=0.0)
     vq_weight: float = Field(1.0, ge=0.0)
@@ -167,7 +172,11 @@ class TokenizerTrainConfig(_Strict):
     disc_layers: int = Field(3, ge=1, le=6, description="PatchGAN stride-2 layers")
     disc_adaptive: bool = Field(True, description="VQGAN's adaptive weight on the generator term")
     dead_code_every: int = Field(1000, ge=0, description="restart unused codes every N steps; 0 = off")
-    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    focus_grad: bool = Field(True, description="backpropagate the commitment loss through the blurred views' "
+                                               "encodes; false treats their latents as constants (no backward)")
+    precision: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="autocast on CUDA")
+    cpu_bf16: bool = Field(False, description="bf16 autocast on CPU too (fp32 weights; ~1.6x faster on CPUs with "
+                                              "AVX512-BF16); off: the CPU path stays the exact fp32 reference")
     seed: int = Field(0, ge=0)
     log_every: int = Field(50, ge=1)
     ckpt_every: int = Field(5000, ge=1)

@@ -77,6 +77,16 @@ class FolderIndex:
         return FolderIndex(self.root, self.classes, tuple(self.files[i] for i in keep),
                            tuple(self.labels[i] for i in keep), self.ignored)
 
+    def first_per_class(self, n: int) -> "FolderIndex":
+        """The first n items of each class (in index order): a class-balanced subset."""
+        seen = [0] * len(self.classes)
+        keep = []
+        for i, y in enumerate(self.labels):
+            if seen[y] < n:
+                seen[y] += 1
+                keep.append(i)
+        return self.subset(keep)
+
     def class_counts(self) -> List[int]:
         counts = [0] * len(self.classes)
         for y in self.labels:

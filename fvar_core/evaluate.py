@@ -20,6 +20,7 @@ import datetime as _dt
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -168,14 +169,24 @@ def default_samples_dir(ckpt: Path, num_samples: int, seed: int) -> Path:
     return runs_dir() / "eval" / f"{run}-{ckpt.name}-n{num_samples}-s{seed}"
 
 
-def evaluate_checkpoint(ckpt: PathLike, ref: str, extractor: InceptionFeatures, metrics: Sequence[str] = ALL_METRICS,
-                        *, num_samples: int = 50_000, per_class: int = 50, seed: int = 0,
-                        settings_overrides: Optional[Dict[str, Any]] = None, out: Optional[PathLike] = None,
-                        tokenizer: Optional[PathLike] = None, device: Optional[str] = None,
-                        sample_batch_size: int = 32, batch_size: int = 64,
-                        kid_subsets: int = KID_SUBSETS, kid_subset_size: int = KID_SUBSET_SIZE,
-                        show_progress: bool = True, progress: Optional[Progress] = None) -> Dict[str, Any]:
-    """Generate (or resume) N samples of a var checkpoint, then `evaluate_samples` them."""
+@dataclass
+class Generation:
+    """A generated sample folder: its images, their labels, and what generated them."""
+
+    out: Path
+    paths: List[Path]
+    labels: List[int]
+    record: Dict[str, Any]  # generation.json's content plus resumed_with / generated / generation_s
+    preset: Any
+
+
+def generate_samples(ckpt: PathLike, *, num_samples: int, per_class: int, seed: int = 0,
+                     settings_overrides: Optional[Dict[str, Any]] = None, out: Optional[PathLike] = None,
+                     tokenizer: Optional[PathLike] = None, device: Optional[str] = None, sample_batch_size: int = 32,
+                     show_progress: bool = True, before: Optional[Callable[[Any], None]] = None) -> Generation:
+    """Generate (or resume) N samples of a var checkpoint into a folder (see the module docstring).
+    `before(preset)` runs after the checkpoint is read and before anything is generated (the
+    caller's input checks)."""
     from .checkpoints import WEIGHTS_NAME, read_checkpoint_config, sha256_file
     from .presets import validate
     from .runs import find_tokenizer, resolve_checkpoint
@@ -185,9 +196,8 @@ def evaluate_checkpoint(ckpt: PathLike, ref: str, extractor: InceptionFeatures, 
     if cfg["kind"] != "var":
         raise UserError(f"{ck_dir} is a {cfg['kind']} checkpoint, expected a var (transformer) checkpoint")
     preset = validate(cfg["preset"], f"checkpoint {ck_dir} preset")
-    R = preset.resolution
-    if set(metrics) - {"isc"}:
-        check_reference(ref, (R, R), extractor.weights.sha256)  # before generating anything
+    if before is not None:
+        before(preset)
     labels = class_labels(num_samples, per_class, preset.model.num_classes)
     seeds = [seed + i for i in range(num_samples)]
     settings = settings_from(preset.sample, **(settings_overrides or {}))
@@ -201,7 +211,7 @@ def evaluate_checkpoint(ckpt: PathLike, ref: str, extractor: InceptionFeatures, 
         "seeds": {"base": seed, "rule": "image i has seed base + i"},
         "labels": {"num_samples": num_samples, "per_class": per_class, "classes": num_samples // per_class,
                    "rule": "image i has class i // per_class"},
-        "resolution": R, "out": str(out_dir.resolve()),
+        "resolution": preset.resolution, "out": str(out_dir.resolve()),
     }
     _check_generation(out_dir, generation)
     from .atomic import ensure_dir
@@ -209,14 +219,32 @@ def evaluate_checkpoint(ckpt: PathLike, ref: str, extractor: InceptionFeatures, 
     ensure_dir(out_dir, "--out")
     write_json(out_dir / GENERATION_NAME, {**generation, "created": _utc_now()})
     t0 = time.perf_counter()
-    before = sum(1 for i in range(num_samples) if (out_dir / f"{i:06d}.png").is_file())
+    done_before = sum(1 for i in range(num_samples) if (out_dir / f"{i:06d}.png").is_file())
     paths = generate_to_folder(ck_dir, out_dir, labels, seeds, settings, batch_size=sample_batch_size,
                                tokenizer=Path(tok_dir), device=device, progress=show_progress)
-    gen_s = time.perf_counter() - t0
-    generation = {**generation, "resumed_with": before, "generated": num_samples - before,
-                  "generation_s": round(gen_s, 3)}
-    report = evaluate_samples(out_dir, ref, extractor, metrics, files=paths, batch_size=batch_size,
-                              kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, generation=generation,
+    record = {**generation, "resumed_with": done_before, "generated": num_samples - done_before,
+              "generation_s": round(time.perf_counter() - t0, 3)}
+    return Generation(out_dir, paths, labels, record, preset)
+
+
+def evaluate_checkpoint(ckpt: PathLike, ref: str, extractor: InceptionFeatures, metrics: Sequence[str] = ALL_METRICS,
+                        *, num_samples: int = 50_000, per_class: int = 50, seed: int = 0,
+                        settings_overrides: Optional[Dict[str, Any]] = None, out: Optional[PathLike] = None,
+                        tokenizer: Optional[PathLike] = None, device: Optional[str] = None,
+                        sample_batch_size: int = 32, batch_size: int = 64,
+                        kid_subsets: int = KID_SUBSETS, kid_subset_size: int = KID_SUBSET_SIZE,
+                        show_progress: bool = True, progress: Optional[Progress] = None) -> Dict[str, Any]:
+    """Generate (or resume) N samples of a var checkpoint, then `evaluate_samples` them."""
+
+    def check(preset: Any) -> None:
+        if set(metrics) - {"isc"}:  # before generating anything
+            check_reference(ref, (preset.resolution, preset.resolution), extractor.weights.sha256)
+
+    gen = generate_samples(ckpt, num_samples=num_samples, per_class=per_class, seed=seed,
+                           settings_overrides=settings_overrides, out=out, tokenizer=tokenizer, device=device,
+                           sample_batch_size=sample_batch_size, show_progress=show_progress, before=check)
+    report = evaluate_samples(gen.out, ref, extractor, metrics, files=gen.paths, batch_size=batch_size,
+                              kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, generation=gen.record,
                               progress=progress)
     report["kind"] = "checkpoint"
     return report
@@ -225,13 +253,15 @@ def evaluate_checkpoint(ckpt: PathLike, ref: str, extractor: InceptionFeatures, 
 # -------------------------------------------------------------------- tokenizer reconstruction
 def tokenizer_reconstruction(tokenizer: PathLike, data: PathLike, extractor: Optional[InceptionFeatures], *,
                              rfid_note: str = "", max_images: Optional[int] = None, batch_size: int = 16,
-                             device: Optional[Any] = None, progress: Optional[Progress] = None) -> Dict[str, Any]:
+                             device: Optional[Any] = None, progress: Optional[Progress] = None,
+                             on_batch: Optional[Callable[[Any, Any, List[int]], None]] = None) -> Dict[str, Any]:
     """PSNR / SSIM (and rFID with an extractor) of a tokenizer over an image folder.
 
     Images: VAR's evaluation transform at the tokenizer's resolution (data.preprocess, centre
     crop); reconstruction: `Tokenizer.img_to_recon` (all scales of the structure codebook, VAR's
     decode path). Both are quantised to uint8, as a saved image would be, before any metric.
     rFID: FID between the pool3 statistics of the originals and of the reconstructions.
+    `on_batch(originals, reconstructions, labels)` sees every batch as uint8 (B, 3, R, R).
     """
     import torch
 
@@ -255,12 +285,15 @@ def tokenizer_reconstruction(tokenizer: PathLike, data: PathLike, extractor: Opt
     skipped = [r for _, r in bad]
     t0 = time.perf_counter()
     for s in range(0, len(ds), batch_size):
-        xs = []
+        xs, ys = [], []
         for i in range(s, min(s + batch_size, len(ds))):
             try:
-                xs.append(ds.load(i)[0])
+                x, y = ds.load(i)
             except UserError as e:
                 skipped.append(str(e))
+                continue
+            xs.append(x)
+            ys.append(int(y))
         if not xs:
             continue
         x = torch.stack(xs).to(dev)  # (B, 3, R, R) in [-1, 1]
@@ -270,6 +303,8 @@ def tokenizer_reconstruction(tokenizer: PathLike, data: PathLike, extractor: Opt
         a, b = (u.double() / 255.0 for u in u8)
         psnrs += psnr(a, b).tolist()
         ssims += ssim(a, b).tolist()
+        if on_batch is not None:
+            on_batch(u8[0], u8[1], ys)
         if extractor is not None:
             orig_stats.update(extract_batch(u8[0].permute(0, 2, 3, 1).numpy(), extractor).pool)
             rec_stats.update(extract_batch(u8[1].permute(0, 2, 3, 1).numpy(), extractor).pool)

@@ -86,11 +86,12 @@ class Tokenizer(nn.Module):
         return self.fhat_to_img(self.quantize.f_to_fhat_per_scale(self.encode_latent(img))[-1])
 
     # ------------------------------------------------------------------------------ FVAR's API
-    def _encode_views(self, img: torch.Tensor, focus_imgs: Sequence[torch.Tensor]):
+    def _encode_views(self, img: torch.Tensor, focus_imgs: Sequence[torch.Tensor], focus_grad: bool = True):
         """E(img) and z_k = E(focus_imgs[k]) with ONE encoder call on img + the distinct focus
         images: an entry that is img itself (or the same tensor object as another scale's) reuses
         that latent, which is how scales with ρ_k below half a pixel get z_k = E(x) for free.
-        Returns (f (B, Cz, h, w), K latents)."""
+        focus_grad False encodes the blurred views in a second call without autograd (their
+        latents become constants: no backward through them). Returns (f (B, Cz, h, w), K latents)."""
         K = len(self.patch_nums)
         if len(focus_imgs) != K:
             raise UserError(f"{len(focus_imgs)} focus images given for {K} scales")
@@ -105,7 +106,12 @@ class Tokenizer(nn.Module):
                 seen[id(x)] = len(distinct)
             slot.append(seen[id(x)])
         B = img.shape[0]
-        latents = self.encode_latent(torch.cat([img, *distinct], dim=0) if distinct else img).split(B, dim=0)
+        if focus_grad or not distinct or not torch.is_grad_enabled():
+            latents = self.encode_latent(torch.cat([img, *distinct], dim=0) if distinct else img).split(B, dim=0)
+        else:
+            with torch.no_grad():
+                blurred = self.encode_latent(torch.cat(distinct, dim=0)).split(B, dim=0)
+            latents = (self.encode_latent(img), *blurred)
         return latents[0], [latents[j] for j in slot]
 
     @torch.no_grad()
@@ -150,16 +156,18 @@ class Tokenizer(nn.Module):
         return self.quantize.encode_focus(f, zs)
 
     # -------------------------------------------------------------------------------- training
-    def forward(self, img: torch.Tensor, focus_imgs: Optional[Sequence[torch.Tensor]] = None):
+    def forward(self, img: torch.Tensor, focus_imgs: Optional[Sequence[torch.Tensor]] = None,
+                focus_grad: bool = True):
         """Tokenizer training step body: (reconstruction (B, 3, H, W) unclamped, VQOutput).
 
-        With focus images, the encoder runs once on img plus the distinct focus images (batched).
+        With focus images, the encoder runs once on img plus the distinct focus images (batched);
+        focus_grad False: see `_encode_views`.
         """
         if focus_imgs is None:
             self._check_img(img)
             f, f_focus = self.encode_latent(img), None
         else:
-            f, f_focus = self._encode_views(img, focus_imgs)
+            f, f_focus = self._encode_views(img, focus_imgs, focus_grad)
         vq: VQOutput = self.quantize(f, f_focus)
         return self.decoder(self.post_quant_conv(vq.f_hat)), vq
 

@@ -87,10 +87,10 @@ class TokenizerWithDiscriminator(nn.Module):
         super().__init__()
         self.tokenizer, self.disc = tokenizer, disc
 
-    def forward(self, img: torch.Tensor, focus_imgs: Sequence[torch.Tensor]):
+    def forward(self, img: torch.Tensor, focus_imgs: Sequence[torch.Tensor], focus_grad: bool = True):
         from .discriminator import adversarial_terms
 
-        recon, vq = self.tokenizer(img, focus_imgs)
+        recon, vq = self.tokenizer(img, focus_imgs, focus_grad)
         return (recon, vq, *adversarial_terms(self.disc, img, recon.float()))
 
 
@@ -219,7 +219,7 @@ class TokenizerTask:
     def step(self, batch: Any, step: int):
         img = batch[0].float()  # (B, 3, R, R) in [-1, 1]
         focus = self.focus_images(img)
-        out = self.model(img, focus)
+        out = self.model(img, focus, self.cfg.focus_grad)
         recon, vq = out[0].float(), out[1]
         c = self.cfg
         l1 = (recon - img).abs().mean()
@@ -336,9 +336,9 @@ class TokenizerTask:
         return self.tok.state_dict()
 
     def load_state_dict(self, sd: Mapping[str, torch.Tensor]) -> None:
-        from .checkpoints import _load_strict
+        from .checkpoints import load_strict
 
-        _load_strict(self.tok, sd, "run checkpoint")
+        load_strict(self.tok, sd, "run checkpoint")
 
     def extra_state(self) -> Dict[str, Any]:
         disc = {k: v.detach().cpu() for k, v in self.disc.state_dict().items()} if self.disc is not None else None
@@ -347,12 +347,12 @@ class TokenizerTask:
 
     def load_extra_state(self, d: Mapping[str, Any]) -> None:
         if self.disc is not None:
-            from .checkpoints import _load_strict
+            from .checkpoints import load_strict
 
             if not d.get("discriminator"):
                 raise UserError("this run's checkpoint holds no discriminator: it was trained without --disc; "
                                 "resume it without --disc / --disc-weights, or choose another --out")
-            _load_strict(self.disc, d["discriminator"], "run checkpoint (discriminator)")
+            load_strict(self.disc, d["discriminator"], "run checkpoint (discriminator)")
         elif d.get("discriminator"):
             raise UserError("this run was trained with a discriminator: resume it with --disc")
         self.q.record_hit = int(d["record_hit"])

@@ -272,20 +272,20 @@ class VARTask:
         return self.student.state_dict()
 
     def load_state_dict(self, sd: Mapping[str, torch.Tensor]) -> None:
-        from .checkpoints import _load_strict
+        from .checkpoints import load_strict
 
-        _load_strict(self.student, sd, "run checkpoint")
+        load_strict(self.student, sd, "run checkpoint")
 
     def extra_state(self) -> Dict[str, Any]:
         return {"teacher": {k: v.detach().cpu() for k, v in self.teacher.state_dict().items()}} if self.teacher else {}
 
     def load_extra_state(self, d: Mapping[str, Any]) -> None:
         if self.teacher is not None:
-            from .checkpoints import _load_strict
+            from .checkpoints import load_strict
 
             if not d.get("teacher"):
                 raise UserError("this run's checkpoint holds no teacher weights: it is not a distillation run")
-            _load_strict(self.teacher, d["teacher"], "run checkpoint (teacher)")
+            load_strict(self.teacher, d["teacher"], "run checkpoint (teacher)")
 
 
 # ------------------------------------------------------------------------------- run plumbing

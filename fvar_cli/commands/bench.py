@@ -32,7 +32,7 @@ def train_cmd(
     compile_: Optional[bool] = typer.Option(None, "--compile/--no-compile",
                                             help="Whole-model torch.compile (default: the preset's train.compile)."),
     precision: Optional[str] = typer.Option(None, "--precision", help="bf16, fp16 or fp32 on CUDA (default: the "
-                                                                       "preset's); CPU always runs fp32."),
+                                                                       "preset's); CPU runs fp32 unless train.cpu_bf16."),
     peak_tflops: Optional[float] = typer.Option(None, "--peak-tflops", min=0.001,
                                                 help="Peak TFLOP/s for MFU (default: detected for known GPUs)."),
     flops: bool = typer.Option(True, "--flops/--no-flops", help="Count model FLOPs per image (one batch-1 step)."),

@@ -16,6 +16,10 @@ app = typer.Typer(help="Evaluate samples or a checkpoint (FID, IS, KID, precisio
 ref_app = typer.Typer(help="Named reference statistics in the user cache ($FVAR_CACHE or ~/.cache/fvar).",
                       no_args_is_help=True)
 app.add_typer(ref_app, name="ref")
+classifier_app = typer.Typer(help="The offline feature network: a small CNN trained on a labelled image folder "
+                                  "(class-conditional accuracy; FID/KID/P-R in its feature space).",
+                             no_args_is_help=True)
+app.add_typer(classifier_app, name="classifier")
 
 WeightsOpt = typer.Option(
     None, "--feature-weights", envvar=ENV_WEIGHTS, show_envvar=True,
@@ -113,8 +117,11 @@ def evaluate(
     metrics: str = typer.Option("fid,isc,kid,prc", "--metrics", "-m", help="Comma-separated: fid, isc, kid, prc."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Report file (default: eval-REF.json in the samples "
                                                                  "folder; reconstruction: none)."),
-    num_samples: int = typer.Option(50_000, "--num-samples", "-n", min=1, help="With --ckpt: images to generate."),
-    per_class: int = typer.Option(50, "--per-class", min=1, help="With --ckpt: images per class (VAR: 50)."),
+    num_samples: Optional[int] = typer.Option(
+        None, "--num-samples", "-n", min=1, help="With --ckpt: images to generate (default: 50,000; with "
+                                                 "--feature-net: per-class × the model's classes)."),
+    per_class: Optional[int] = typer.Option(
+        None, "--per-class", min=1, help="With --ckpt: images per class (default 50 as VAR; 100 with --feature-net)."),
     seed: int = typer.Option(0, "--seed", min=0, help="With --ckpt: image i has seed SEED + i."),
     cfg: Optional[float] = typer.Option(None, "--cfg", help="With --ckpt: guidance (preset's sample.cfg)."),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="With --ckpt: top-k (0 = off)."),
@@ -135,6 +142,13 @@ def evaluate(
     kid_subsets: int = typer.Option(100, "--kid-subsets", min=1, help="KID: number of subsets."),
     kid_subset_size: int = typer.Option(1000, "--kid-subset-size", min=2, help="KID: subset size (capped at the "
                                                                                "set sizes)."),
+    feature_net: Optional[Path] = typer.Option(
+        None, "--feature-net", help="A classifier from `fvar eval classifier train`: class-conditional accuracy and "
+                                    "FID/KID/P-R in its feature space, offline (--ref: a labelled image folder)."),
+    real: Optional[Path] = typer.Option(None, "--real", help="With --feature-net: a real split (e.g. train) for the "
+                                                             "floor row, as many images per class as the samples."),
+    calibration_images: int = typer.Option(1000, "--calibration-images", min=2,
+                                           help="With --feature-net: reference images the tokenizer reconstructs."),
 ) -> None:
     """Evaluate a samples folder (--samples), a checkpoint (--ckpt; generates N per class first,
     resumable), or a tokenizer's reconstructions (--tokenizer CKPT --data DIR).
@@ -146,6 +160,22 @@ def evaluate(
         return
     from fvar_core.errors import UserError
     from fvar_core.evaluate import evaluate_checkpoint, evaluate_samples, parse_metrics, write_report
+
+    if feature_net is not None:
+        if data is not None:
+            raise UserError("--feature-net evaluates samples against --ref; --data (reconstruction) does not apply "
+                            "(the report's reconstruction row uses --tokenizer on --ref)")
+        if ckpt is None and samples is None and real is None and tokenizer is None:
+            from fvar_core.runs import newest_checkpoint
+
+            ckpt = newest_checkpoint("var")
+            typer.echo(f"using the newest var checkpoint: {ckpt}", err=True)
+        _feature_eval(feature_net, ref, samples, ckpt, per_class or 100, num_samples, seed,
+                      {"cfg": cfg, "top_k": top_k, "top_p": top_p, "more_smooth": more_smooth}, out, real, tokenizer,
+                      calibration_images, device, sample_batch, kid_subsets, kid_subset_size, json_out)
+        return
+    num_samples = 50_000 if num_samples is None else num_samples
+    per_class = 50 if per_class is None else per_class
 
     if data is not None:
         if tokenizer is None:
@@ -180,6 +210,46 @@ def evaluate(
                        f"from {g['checkpoint']['path']}", err=True)
     path = write_report(report, json_out or folder / f"eval-{_slug(ref)}.json")
     _print_report(report, path)
+
+
+def _feature_eval(feature_net: Path, ref: str, samples: Optional[Path], ckpt: Optional[Path], per_class: int,
+                  num_samples: Optional[int], seed: int, overrides: dict, out: Optional[Path], real: Optional[Path],
+                  tokenizer: Optional[Path], calibration_images: int, device: str, sample_batch: int,
+                  kid_subsets: int, kid_subset_size: int, json_out: Optional[Path]) -> None:
+    from fvar_core.evaluate import write_report
+    from fvar_core.feature_metrics import feature_evaluation, format_table
+
+    report = feature_evaluation(feature_net, ref, samples=samples, ckpt=ckpt, per_class=per_class,
+                                num_samples=num_samples, seed=seed, settings_overrides=overrides, out=out, real=real,
+                                tokenizer=tokenizer, calibration_images=calibration_images, device=device,
+                                sample_batch_size=sample_batch, kid_subsets=kid_subsets,
+                                kid_subset_size=kid_subset_size)
+    typer.echo(format_table(report))
+    folder = Path(report["rows"][0]["source"]) if samples is not None or ckpt is not None else None
+    path = json_out or (folder / "eval-feature-net.json" if folder is not None and folder.is_dir() else None)
+    if path is not None:
+        typer.echo(f"wrote {write_report(report, path)}")
+
+
+@classifier_app.command("train")
+def classifier_train(
+    data: Path = typer.Option(..., "--data", "-d", help="Labelled image folder (one sub-folder per class)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Checkpoint folder to write (kind classifier)."),
+    val: Optional[Path] = typer.Option(None, "--val", help="Labelled folder with the same classes: accuracy reported "
+                                                           "and stored with the weights."),
+    epochs: float = typer.Option(3.0, "--epochs", min=0.01, help="Passes over --data."),
+    resolution: int = typer.Option(32, "--resolution", min=8, max=512, help="Images are resized to this side."),
+    batch: int = typer.Option(128, "--batch", "-b", min=1, help="Images per step."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the initialisation, order and augmentation."),
+    device: str = DeviceOpt,
+) -> None:
+    """Train the feature network of offline evaluation (minutes on a CPU for 32 px data)."""
+    from fvar_core.classifier import classifier_config, train_classifier
+
+    cfg = classifier_config(epochs=epochs, resolution=resolution, batch_size=batch, seed=seed)
+    res = train_classifier(data, out, cfg, val=val, device=device, say=typer.echo)
+    acc = f", accuracy on {val}: {100 * res.val_accuracy:.2f}%" if res.val_accuracy is not None else ""
+    typer.echo(f"classifier → {res.path} ({res.images} images, {res.seconds:.0f} s{acc})")
 
 
 def _reconstruction(tokenizer: Path, data: Path, weights: Optional[Path], device: str,

@@ -17,6 +17,8 @@ def tokenize(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     workers: Optional[int] = typer.Option(None, "--workers", min=0,
                                           help="Image-decoding processes (default: the preset's data.num_workers)."),
+    per_class: Optional[int] = typer.Option(None, "--per-class", min=1,
+                                            help="Encode only the first N images of each class."),
     full_check: bool = typer.Option(False, "--full-check",
                                     help="Decode every file up front instead of a header check (slower)."),
     overrides: Optional[List[str]] = typer.Option(
@@ -35,53 +37,55 @@ def tokenize(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
         TimeRemainingColumn
 
-    from fvar_core.checkpoints import build_tokenizer, load_checkpoint
-    from fvar_core.devices import pick_device
-    from fvar_core.runs import resolve_checkpoint
-    from fvar_core.data import ImageFolderDataset, scan_image_folder, validate, validation_report
-    from fvar_core.presets import override_preset
-    from fvar_core.shards import tokenize_dataset
-    from fvar_core.transformer_training import check_tokenizer_fits
+    from fvar_core.data import validation_report
+    from fvar_core.tokenize import tokenize_folder
 
     err = Console(stderr=True)
-    dev = pick_device(device)
-    ckpt = load_checkpoint(resolve_checkpoint(tokenizer, "--tokenizer"), expect_kind="tokenizer")
-    preset = override_preset(ckpt.preset, overrides or [], f"tokenizer {ckpt.path}'s preset")
-    check_tokenizer_fits(preset, ckpt.preset, f"tokenizer {ckpt.path}",
-                         hint="--set may change the pyramid, not the tokenizer's architecture")
-    tok = build_tokenizer(ckpt)
-    index = scan_image_folder(data)
-    n_workers = preset.data.num_workers if workers is None else workers
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn())
-    with Progress(*columns, console=err, transient=True) as bar:
-        task = bar.add_task("checking files", total=len(index))
-        good, bad = validate(index, decode=full_check, progress=lambda d, n: bar.update(task, completed=d))
-    if bad:
-        typer.echo(validation_report(bad, len(index)), err=True)
-    typer.echo(f"{len(good)} images, {len(good.classes)} classes in {data}; tokenizer {ckpt.path} "
-               f"({preset.name}, {preset.resolution}px, {preset.num_scales} scales) on {dev}")
-
-    dataset = ImageFolderDataset.from_config(good, preset.resolution, preset.data, train=False)
+    check_bar = Progress(*columns, console=err, transient=True)
     # auto_refresh off: a redraw thread would compete with the encoder's OpenMP threads on a small
     # CPU; one redraw per batch is plenty.
-    with Progress(*columns, TextColumn("{task.fields[rate]}"), console=err, auto_refresh=False) as bar:
-        task = bar.add_task("tokenizing", total=len(good), rate="")
+    bar = Progress(*columns, TextColumn("{task.fields[rate]}"), console=err, auto_refresh=False)
+    tasks: dict = {}
 
-        def progress(done: int, total: int) -> None:
-            elapsed = bar.tasks[task].elapsed or 0.0
-            bar.update(task, completed=done, rate=f"{done / elapsed:.1f} img/s" if elapsed > 0 else "")
-            bar.refresh()
+    def checking(done: int, total: int) -> None:
+        if "check" not in tasks:
+            check_bar.start()
+            tasks["check"] = check_bar.add_task("checking files", total=total)
+        check_bar.update(tasks["check"], completed=done)
 
-        stats = tokenize_dataset(tok, preset, dataset, out, batch_size=batch, shard_size=shard_size, flip=flip,
-                                 device=dev, progress=progress, num_workers=n_workers, tokenizer_path=ckpt.path.resolve())
+    def checked(good, bad, description: str) -> None:
+        if tasks.pop("check", None) is not None:
+            check_bar.stop()
+        if bad:
+            typer.echo(validation_report(bad, len(good) + len(bad)), err=True)
+        typer.echo(description)
+        bar.start()
+        tasks["encode"] = bar.add_task("tokenizing", total=len(good), rate="")
+
+    def progress(done: int, total: int) -> None:
+        elapsed = bar.tasks[tasks["encode"]].elapsed or 0.0
+        bar.update(tasks["encode"], completed=done, rate=f"{done / elapsed:.1f} img/s" if elapsed > 0 else "")
+        bar.refresh()
+
+    try:
+        run = tokenize_folder(tokenizer, data, out, overrides=overrides or [], per_class=per_class, flip=flip,
+                              batch_size=batch, shard_size=shard_size, device=device, workers=workers,
+                              full_check=full_check, check_progress=checking, progress=progress, on_checked=checked)
+    finally:  # a bar never started must not be stopped: stop() prints a line
+        if "check" in tasks:
+            check_bar.stop()
+        if "encode" in tasks:
+            bar.stop()
+    stats = run.stats
     if stats.skipped:
-        typer.echo(validation_report(stats.skipped, len(good)), err=True)
+        typer.echo(validation_report(stats.skipped, len(run.index)), err=True)
     resumed = f", {stats.shards_resumed} kept from an earlier run" if stats.shards_resumed else ""
     typer.echo(f"wrote {stats.items} items in {stats.shards_written} shard(s) to {out}{resumed}; "
                f"{stats.total_items} items in total")
     typer.echo(f"{stats.images} images in {stats.seconds:.1f}s: {stats.images_per_s:.1f} images/s; "
-               f"skipped {len(bad) + len(stats.skipped)} unreadable file(s)")
+               f"skipped {len(run.bad) + len(stats.skipped)} unreadable file(s)")
 
 
 app = tokenize  # the `fvar.commands` entry point: a plain function is one command
