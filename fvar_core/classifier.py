@@ -181,10 +181,12 @@ def predict(net: FeatureNet, images: torch.Tensor, batch_size: int = 512,
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(net: FeatureNet, images: torch.Tensor, batch_size: int, max_images: int = 4096) -> None:
+def recalibrate_batchnorm(net: FeatureNet, images: torch.Tensor, batch_size: int, gen: torch.Generator,
+                          max_images: int = 4096) -> None:
     """BatchNorm's running statistics, recomputed as exact averages over (up to max_images)
-    training images: after a short run the momentum averages still remember their initial
-    values, and eval-mode predictions would be off."""
+    training images drawn at random (folders are sorted by class: the first ones are one class):
+    after a short run the momentum averages still remember their initial values, and eval-mode
+    predictions would be off."""
     bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
     dev = next(net.parameters()).device
     saved = [m.momentum for m in bns]
@@ -192,8 +194,9 @@ def recalibrate_batchnorm(net: FeatureNet, images: torch.Tensor, batch_size: int
         m.reset_running_stats()
         m.momentum = None  # cumulative average over the batches below
     net.train()
-    for i in range(0, min(len(images), max_images), batch_size):
-        net(images[i:i + batch_size].to(dev))
+    pick = torch.randperm(len(images), generator=gen)[:max_images]
+    for i in range(0, len(pick), batch_size):
+        net(images[pick[i:i + batch_size]].to(dev))
     for m, mom in zip(bns, saved):
         m.momentum = mom
     net.eval()
@@ -263,7 +266,7 @@ def train_classifier(data: PathLike, out: PathLike, cfg: ClassifierConfig = Clas
         if (s + 1) % max(1, steps // 5) == 0 or s + 1 == steps:
             say(f"  step {s + 1}/{steps} loss {float(loss.detach()):.4f}")
     train_acc = correct / max(1, seen)
-    recalibrate_batchnorm(net, images, bs)
+    recalibrate_batchnorm(net, images, bs, gen)
     val_acc = None
     if val_set is not None:
         _, pred = predict(net, val_set[0])

@@ -171,13 +171,11 @@ def default_samples_dir(ckpt: Path, num_samples: int, seed: int) -> Path:
 
 @dataclass
 class Generation:
-    """A generated sample folder: its images, their labels, and what generated them."""
+    """A generated sample folder: its images and what generated them."""
 
     out: Path
     paths: List[Path]
-    labels: List[int]
     record: Dict[str, Any]  # generation.json's content plus resumed_with / generated / generation_s
-    preset: Any
 
 
 def generate_samples(ckpt: PathLike, *, num_samples: int, per_class: int, seed: int = 0,
@@ -224,7 +222,7 @@ def generate_samples(ckpt: PathLike, *, num_samples: int, per_class: int, seed: 
                                tokenizer=Path(tok_dir), device=device, progress=show_progress)
     record = {**generation, "resumed_with": done_before, "generated": num_samples - done_before,
               "generation_s": round(time.perf_counter() - t0, 3)}
-    return Generation(out_dir, paths, labels, record, preset)
+    return Generation(out_dir, paths, record)
 
 
 def evaluate_checkpoint(ckpt: PathLike, ref: str, extractor: InceptionFeatures, metrics: Sequence[str] = ALL_METRICS,

@@ -176,11 +176,11 @@ def _samples_class_names(folder: Path) -> Optional[List[str]]:
     """The generating run's class names, found through the sample folder's sidecar."""
     from .sampler import class_names_for
 
-    for side, key in (("samples.json", "checkpoint"), ("generation.json", "checkpoint")):
+    for side in ("samples.json", "generation.json"):  # both name the checkpoint they came from
         f = folder / side
         if f.is_file():
             try:
-                path = json.loads(f.read_text(encoding="utf-8"))[key]["path"]
+                path = json.loads(f.read_text(encoding="utf-8"))["checkpoint"]["path"]
             except (OSError, ValueError, KeyError, TypeError):
                 return None
             return class_names_for(path) if Path(path).is_dir() else None
