@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -218,8 +219,7 @@ class ExportResult:
 
 
 def _png_bytes(im: Image.Image) -> bytes:
-    import io
-
+    # not images.save_png: that one fsyncs every file; here the whole class folder is the atomic unit
     buf = io.BytesIO()
     im.save(buf, format="PNG")
     return buf.getvalue()

@@ -193,7 +193,6 @@ def _grid(folder: Path, per_class: int, num_classes: int, cols: int = 10) -> Pat
 def _drawn(out: Path, *, preset, images_per_class, tokenizer_steps, steps, per_class, device, console,
            say) -> QuickstartResult:
     from .presets import load_preset
-    from .runs import resolve_checkpoint
     from .sampler import load_models, sample_to_dir
     from .testimages import DRAWN_CLASSES, draw_image_folder
     from .tokenize import tokenize_folder
@@ -210,8 +209,7 @@ def _drawn(out: Path, *, preset, images_per_class, tokenizer_steps, steps, per_c
     say(f"2/5 train-tokenizer: {tokenizer_steps} steps of {p.tokenizer_train.batch_size} images → {out / 'tokenizer'}")
     tok_fit = train_tokenizer(p, data, out / "tokenizer", device=device, console=console)
     say(f"3/5 tokenize: {data} → {out / 'shards'}")
-    tokenize_folder(resolve_checkpoint(out / "tokenizer", "tokenizer"), data, out / "shards", batch_size=16,
-                    device=device or "auto")
+    tokenize_folder(out / "tokenizer", data, out / "shards", batch_size=16, device=device or "auto")
     say(f"4/5 distill: {steps} steps of {p.train.batch_size} token sequences → {out / 'distill'}")
     fit = train_transformer(p, out / "distill", distill=True, tokens=out / "shards", device=device, console=console)
     say(f"5/5 sample: {per_class} images of each class → {out / 'samples'}")
