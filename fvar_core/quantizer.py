@@ -21,7 +21,7 @@ State-dict keys follow the official module (`quantize.` prefix in the tokenizer)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -135,12 +135,16 @@ class FocusTokens:
     alias:     K tensors (B, pn_k²) long, or None without an alias codebook.
     fhat:      K tensors (B, Cz, H, W) — accumulated f̂ after each scale (VAR's f̂, unchanged).
     margin:    K tensors (B, pn_k²) — nearest-vs-second structure code distance gap, if asked.
+    energy:    K dicts of (B,) mean squares per image, if asked (the alias audit): "structure" =
+               ms(area_down_k(z_k − f̂_{k−1})), what the structure codebook codes; "alias" =
+               ms(area_down_k(f − z_k)); "alias_error" = ms of what the alias code misses.
     """
 
     structure: List[torch.Tensor]
     alias: Optional[List[torch.Tensor]]
     fhat: List[torch.Tensor]
     margin: Optional[List[torch.Tensor]] = None
+    energy: Optional[List[Dict[str, torch.Tensor]]] = None
 
 
 @dataclass
@@ -245,7 +249,7 @@ class MultiScaleQuantizer(nn.Module):
     # ---------------------------------------------------------------------------------- encoding
     @torch.no_grad()
     def encode_focus(self, f_full: torch.Tensor, f_focus: Optional[Sequence[torch.Tensor]] = None,
-                     with_margin: bool = False) -> FocusTokens:
+                     with_margin: bool = False, with_energy: bool = False) -> FocusTokens:
         """Dual-path multi-scale encoding.
 
         f_full:  (B, Cz, H, W) latent of the sharp image, E(x).
@@ -273,6 +277,11 @@ class MultiScaleQuantizer(nn.Module):
         hs: List[torch.Tensor] = []  # h_k of the scales done, to rebuild a residual for a new target
         src, f_rest = f_full, f_full.clone()
         structure, alias, fhats, margins = [], ([] if Ea is not None else None), [], ([] if with_margin else None)
+        energy: Optional[List[Dict[str, torch.Tensor]]] = [] if with_energy else None
+
+        def ms(x: torch.Tensor) -> torch.Tensor:  # (B, C, h, w) → (B,)
+            return x.square().mean(dim=(1, 2, 3))
+
         for si, pn in enumerate(self.patch_nums):
             z_k = targets[si]
             if z_k is not src:
@@ -282,12 +291,20 @@ class MultiScaleQuantizer(nn.Module):
                 for h in hs:
                     f_rest.sub_(h)
 
-            idx_N, margin = nearest_code(_to_NC(self._down(f_rest, si)), E, with_margin)
+            r = self._down(f_rest, si)
+            idx_N, margin = nearest_code(_to_NC(r), E, with_margin)
+            e_k = {"structure": ms(r)} if with_energy else {}
             if Ea is not None:
                 # Difference of the two views, area_down(f − f̂) − area_down(z_k − f̂), computed
                 # as area_down(f − z_k) (equal by linearity, without f̂'s cancellation).
-                a_idx, _ = nearest_code(_to_NC(self._down(f_full - z_k, si)), Ea)
+                a = self._down(f_full - z_k, si)
+                a_idx, _ = nearest_code(_to_NC(a), Ea)
                 alias.append(a_idx.view(B, pn * pn))
+                if with_energy:
+                    e_k["alias"] = ms(a)
+                    e_k["alias_error"] = ms(Ea[a_idx].view(B, pn, pn, C).permute(0, 3, 1, 2) - a)
+            if energy is not None:
+                energy.append(e_k)
 
             h = self.embedding(idx_N.view(B, pn, pn)).permute(0, 3, 1, 2)  # (B, Cz, pn, pn)
             if si != K - 1:
@@ -300,7 +317,7 @@ class MultiScaleQuantizer(nn.Module):
             fhats.append(f_hat.clone())
             if with_margin:
                 margins.append(margin.view(B, pn * pn))
-        return FocusTokens(structure=structure, alias=alias, fhat=fhats, margin=margins)
+        return FocusTokens(structure=structure, alias=alias, fhat=fhats, margin=margins, energy=energy)
 
     def f_to_idx(self, f: torch.Tensor) -> List[torch.Tensor]:
         """VAR's tokens of a latent: K tensors (B, pn_k²) long."""

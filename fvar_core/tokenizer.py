@@ -116,15 +116,15 @@ class Tokenizer(nn.Module):
 
     @torch.no_grad()
     def encode_focus_images(self, img: torch.Tensor, focus_imgs: Sequence[torch.Tensor],
-                            with_margin: bool = False) -> FocusTokens:
+                            with_margin: bool = False, with_energy: bool = False) -> FocusTokens:
         """Dual-path tokens of img (B, 3, H, W) given one focus image PSF_ρk ⋆ img per scale
         (K of them, the same object as img where ρ_k < ½ px); the K focus encodes are batched."""
         f, zs = self._encode_views(img, focus_imgs)
-        return self.quantize.encode_focus(f, zs, with_margin=with_margin)
+        return self.quantize.encode_focus(f, zs, with_margin=with_margin, with_energy=with_energy)
 
     @torch.no_grad()
     def encode_with_pyramid(self, img: torch.Tensor, pyramid_cfg: PyramidConfig, resolution: int,
-                            generator: Optional[torch.Generator] = None) -> FocusTokens:
+                            generator: Optional[torch.Generator] = None, with_energy: bool = False) -> FocusTokens:
         """Dual-path tokens of img under a focus pyramid: ρ_k from `schedules.radii`, the PSF from
         `psf.blur`. kernel 'area' or ρ_k < ½ (pixel or latent cell) reuses E(x) at that scale;
         with `noise`, β_k ε (β linear from beta_start to beta_end over the scales) is added to each
@@ -149,11 +149,11 @@ class Tokenizer(nn.Module):
 
         if pyramid_cfg.space == "pixel":
             views = [noisy(blur(img, pyramid_cfg.kernel, rhos[k]), k) if focused[k] else img for k in range(K)]
-            return self.encode_focus_images(img, views)
+            return self.encode_focus_images(img, views, with_energy=with_energy)
         # Latent-grid variant (an experiment, DESIGN §4): the PSF acts on f, ρ in grid cells.
         f = self.encode_latent(img)
         zs = [noisy(blur(f, pyramid_cfg.kernel, rhos[k]), k) if focused[k] else f for k in range(K)]
-        return self.quantize.encode_focus(f, zs)
+        return self.quantize.encode_focus(f, zs, with_energy=with_energy)
 
     # -------------------------------------------------------------------------------- training
     def forward(self, img: torch.Tensor, focus_imgs: Optional[Sequence[torch.Tensor]] = None,
