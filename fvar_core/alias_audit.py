@@ -6,7 +6,8 @@ Three questions about a trained dual-path tokenizer and a distillation run:
               against the structure residual r_k = area_down_k(z_k − f̂_{k−1}) the structure
               codebook codes (ratio of mean squares, so the latent's overall scale cancels), and how
               much of a_k its codebook codes; beside it the same residual in image space, the
-              paper's D_k − L_k, against the (mean-free) focus view L_k
+              paper's D_k − L_k, against the (mean-free) focus view L_k, and the rank correlation
+              over images of the two (does the latent difference track the image residual?)
     used      perplexity and dead codes of the alias (and structure) codebook on real images
     read      the teacher's per-scale cross-entropy minus the student's on held-out tokens, with the
               true alias tokens and with alias tokens of *other* images (`shuffle_alias`: the same
@@ -39,15 +40,20 @@ def code_usage(counts: np.ndarray) -> Dict[str, float]:
 
 
 @torch.no_grad()
-def tokenizer_audit(tokenizer: PathLike, images: torch.Tensor, *, batch_size: int = 100,
-                    device: str = "cpu") -> Dict[str, Any]:
-    """uint8 images (N, 3, R, R) through a tokenizer checkpoint's focus pyramid → per-scale residual
-    energies and codebook usage (see the module docstring)."""
+def tokenizer_audit(tokenizer: PathLike, images: torch.Tensor, *, overrides: Sequence[str] = (),
+                    batch_size: int = 100, seed: int = 0, device: str = "cpu") -> Dict[str, Any]:
+    """uint8 images (N, 3, R, R) through a tokenizer checkpoint's focus pyramid (its preset's, with
+    `overrides`, e.g. pyramid.noise=false) → per-scale residual energies and codebook usage (see the
+    module docstring). The pyramid noise, if on, is drawn from `seed`: the audit is deterministic.
+    The image-space residual is the optics alone (no noise)."""
     from .checkpoints import build_tokenizer, load_checkpoint
+    from .presets import override_preset
     from .runs import resolve_checkpoint
+    from .transformer_training import check_tokenizer_fits
 
     ck = load_checkpoint(resolve_checkpoint(tokenizer, "--tokenizer"), expect_kind="tokenizer")
-    p = ck.preset
+    p = override_preset(ck.preset, list(overrides), f"tokenizer {ck.path}'s preset")
+    check_tokenizer_fits(p, ck.preset, f"tokenizer {ck.path}", hint="--set may change the pyramid, not the tokenizer")
     tok = build_tokenizer(ck).to(device).eval()
     R = p.resolution
     if images.ndim != 4 or tuple(images.shape[1:]) != (3, R, R):
@@ -60,18 +66,24 @@ def tokenizer_audit(tokenizer: PathLike, images: torch.Tensor, *, batch_size: in
     rhos = radii(p.pyramid.schedule, p.pyramid.rho_max, p.patch_nums, R)
     sizes = view_sizes(p.patch_nums, R)
     sums = [dict(structure=0.0, alias=0.0, alias_error=0.0, image_alias=0.0, image_view=0.0) for _ in range(K)]
+    per_image: List[Dict[str, List[np.ndarray]]] = [dict(alias=[], image_alias=[]) for _ in range(K)]
     Va = p.tokenizer.alias_tokens
     s_hits = np.zeros((K, p.tokenizer.vocab_size))
     a_hits = np.zeros((K, Va)) if Va else None
     n = 0
+    gen = torch.Generator(device=device).manual_seed(seed)
     for i in range(0, len(images), batch_size):
         x = images[i:i + batch_size].to(device).float().div(127.5).sub(1.0)
-        toks = tok.encode_with_pyramid(x, p.pyramid, R, with_energy=True)
+        toks = tok.encode_with_pyramid(x, p.pyramid, R, generator=gen, with_energy=True)
         for k in range(K):
             # The paper's Fig. 2 residual in image space: D_k − L_k = area_down(x) − area_down(PSF ⋆ x).
             L_k = area_down(blur(x, p.pyramid.kernel, rhos[k]), sizes[k]) if p.pyramid.kernel != "area" and \
                 rhos[k] >= 0.5 else area_down(x, sizes[k])
-            sums[k]["image_alias"] += float((area_down(x, sizes[k]) - L_k).double().square().mean(dim=(1, 2, 3)).sum())
+            img_alias = (area_down(x, sizes[k]) - L_k).double().square().mean(dim=(1, 2, 3))  # (B,)
+            sums[k]["image_alias"] += float(img_alias.sum())
+            per_image[k]["image_alias"].append(img_alias.cpu().numpy())
+            if "alias" in toks.energy[k]:
+                per_image[k]["alias"].append(toks.energy[k]["alias"].double().cpu().numpy())
             sums[k]["image_view"] += float((L_k - L_k.mean(dim=(2, 3), keepdim=True)).double().square()
                                            .mean(dim=(1, 2, 3)).sum())
             for key, v in toks.energy[k].items():
@@ -88,6 +100,8 @@ def tokenizer_audit(tokenizer: PathLike, images: torch.Tensor, *, batch_size: in
                                                        if sums[k]["image_view"] > 0 else None)}
         if a_hits is not None:
             row.update(alias_ms=a, alias_to_structure=(a / s if s > 0 else None),
+                       carrier_rank_corr=_rank_corr(np.concatenate(per_image[k]["alias"]),
+                                                    np.concatenate(per_image[k]["image_alias"])),
                        alias_coded=(1.0 - err / a if a > 0 else None),
                        alias_perplexity=code_usage(a_hits[k])["perplexity"])
         row["structure_perplexity"] = code_usage(s_hits[k])["perplexity"]
@@ -96,6 +110,15 @@ def tokenizer_audit(tokenizer: PathLike, images: torch.Tensor, *, batch_size: in
             "focus_grad": p.tokenizer_train.focus_grad, "images": n, "scales": scales,
             "structure_codes": code_usage(s_hits.sum(0)),
             "alias_codes": code_usage(a_hits.sum(0)) if a_hits is not None else None}
+
+
+def _rank_corr(a: np.ndarray, b: np.ndarray) -> Optional[float]:
+    """Spearman's rank correlation over images (None when either side is constant, e.g. zero)."""
+    from scipy.stats import spearmanr
+
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return None
+    return float(spearmanr(a, b).statistic)
 
 
 def derangement(n: int, generator: torch.Generator) -> torch.Tensor:

@@ -17,7 +17,7 @@ Layout of OUT (each step resumes by its own logic; a finished cell is never reco
     data/ classifier/                    shared by every cell
     tokenizers/<tokenizer>/seed-<s>/     run, shards-train/, shards-test/
     cells/<row>/seed-<s>/                run/ (transformer), samples/, result.json (the cell is done)
-    results.json  table.md  ablation.png
+    results.json  table.md  ablation.png  samples-seed<s>.png (a band of samples per row)
 """
 from __future__ import annotations
 
@@ -106,6 +106,7 @@ def run_cell(out: Path, row_name: str, seed: int, budget: Budget, *, base_overri
              device: Optional[str] = None, say: Callable[[str], None] = print) -> Dict[str, Any]:
     """Train and evaluate one (row, seed); returns (and writes) cells/<row>/seed-<s>/result.json."""
     from .alias_audit import cross_entropy_report
+    from .devices import pick_device
     from .evaluate import write_report
     from .feature_metrics import feature_evaluation, sample_set
     from .presets import load_preset
@@ -138,21 +139,18 @@ def run_cell(out: Path, row_name: str, seed: int, budget: Budget, *, base_overri
                       save_teacher=row.distill, device=device)
     report = feature_evaluation(out / "classifier", test, ckpt=cell / "run", per_class=budget.samples_per_class,
                                 out=cell / "samples", seed=seed, device=device, show_progress=False)
-    ce = cross_entropy_report(cell / "run", tok_dir / "shards-test", device=device or "cpu")
+    ce = cross_entropy_report(cell / "run", tok_dir / "shards-test", device=str(pick_device(device or "auto")))
     s = report["rows"][0]
     gen_set = sample_set(cell / "samples", None, p.resolution)
     real_leak = _real_leak(out, p, budget.samples_per_class)
     leak = _mean_leak(gen_set.images, p.patch_nums, p.resolution)
     result = {
         "row": row_name, "label": row.label, "seed": seed, "tokenizer": row.tokenizer, "distill": row.distill,
-        "budget": budget.__dict__, "base_overrides": list(base_overrides), "accuracy": s["accuracy"], "fid": s["fid"], "kid": s["kid"]["mean"],
-        "precision": s["precision"], "recall": s["recall"], "samples": s["count"],
-        "accuracy_per_class": s.get("accuracy_per_class"),
-        "student_ce": ce["student"]["mean"], "student_ce_per_scale": ce["student"]["per_scale"],
-        "teacher_ce": (ce.get("teacher") or {}).get("mean"),
-        "teacher_ce_per_scale": (ce.get("teacher") or {}).get("per_scale"),
-        "teacher_shuffled_ce": (ce.get("teacher_shuffled") or {}).get("mean"),
-        "teacher_shuffled_ce_per_scale": (ce.get("teacher_shuffled") or {}).get("per_scale"),
+        "budget": budget.__dict__, "base_overrides": list(base_overrides),
+        "accuracy": s["accuracy"], "fid": s["fid"], "kid": s["kid"]["mean"], "precision": s["precision"],
+        "recall": s["recall"], "samples": s["count"], "accuracy_per_class": s.get("accuracy_per_class"),
+        **{f"{net}_ce{suffix}": (ce.get(net) or {}).get(part) for net in ("student", "teacher", "teacher_shuffled")
+           for suffix, part in (("", "mean"), ("_per_scale", "per_scale"))},
         "leak_generated": leak, "leak_real": real_leak, "alias_db": 10.0 * math.log10(leak / real_leak),
         "feature_net_sha256": report["feature_net"]["weights_sha256"],
         "seconds": round(time.perf_counter() - t0, 1),
@@ -257,6 +255,7 @@ def run_ablation(out: PathLike, *, rows: Sequence[str] = DEFAULT_ROWS, seeds: Se
     write_report(summary, out / "results.json")
     (out / "table.md").write_text(format_table(summary) + "\n", encoding="utf-8")
     plot(summary, out / "ablation.png")
+    sample_sheet(out, out / f"samples-seed{seeds[0]}.png", seed=seeds[0])
     return summary
 
 
@@ -315,7 +314,7 @@ def format_table(summary: Dict[str, Any]) -> str:
 
 
 def plot(summary: Dict[str, Any], path: PathLike) -> Optional[Path]:
-    """ablation.png: one panel per metric (mean ± std over seeds, seeds as dots) and the per-scale
+    """ablation.png: one panel per metric (mean ± std over seeds, each seed a grey dot) and the per-scale
     student CE. None (with nothing written) when matplotlib is not installed."""
     try:
         import matplotlib
@@ -328,15 +327,18 @@ def plot(summary: Dict[str, Any], path: PathLike) -> Optional[Path]:
     names = [r["row"] for r in rows]
     panels = [("accuracy", "class-conditional accuracy (%)", 100.0), ("fid", "feature FID (lower is better)", 1.0),
               ("precision", "precision", 1.0), ("recall", "recall", 1.0),
-              ("alias_db", "alias leakage vs real (dB)", 1.0)]
+              ("alias_db", "alias leakage, generated vs real (dB)", 1.0)]
     fig, axes = plt.subplots(2, 3, figsize=(13, 7.5))
     for ax, (key, title, scale) in zip(axes.flat, panels):
         means = [scale * r[key]["mean"] if r[key] else np.nan for r in rows]
         stds = [scale * r[key]["std"] if r[key] else 0.0 for r in rows]
-        ax.bar(range(len(rows)), means, yerr=stds, capsize=4, color="#8fb3d9", edgecolor="#2b5d8a")
+        # Points, not bars: the axis fits the data, so differences of a few percent stay visible.
         for i, r in enumerate(rows):
             vals = [scale * c[key] for c in summary["cells"] if c["row"] == r["row"] and c.get(key) is not None]
-            ax.plot([i] * len(vals), vals, "k.", ms=5)
+            ax.plot([i + 0.12] * len(vals), vals, ".", color="0.55", ms=5)
+        ax.errorbar(range(len(rows)), means, yerr=stds, fmt="o", capsize=4, color="#2b5d8a")
+        ax.set_xlim(-0.5, len(rows) - 0.5)
+        ax.grid(axis="y", alpha=0.3)
         ax.set_xticks(range(len(rows)), names, rotation=25, ha="right", fontsize=8)
         ax.set_title(title, fontsize=10)
     ax = axes.flat[5]
@@ -355,3 +357,32 @@ def plot(summary: Dict[str, Any], path: PathLike) -> Optional[Path]:
     plt.close(fig)
     tmp.replace(path)
     return path
+
+
+def sample_sheet(out: PathLike, path: PathLike, *, seed: int = 0, per_class: int = 4,
+                 rows: Optional[Sequence[str]] = None, zoom: int = 2) -> Path:
+    """One PNG to look at the rows side by side: a band per ablation row (top to bottom, black
+    lines between), in each the first `per_class` samples of every class of seed `seed` (classes
+    left to right), enlarged `zoom` × with nearest-neighbour so pixels stay pixels."""
+    import torch
+
+    from .images import load_image, save_png
+    from .sampler import make_grid
+
+    out = Path(out)
+    rows = [r for r in (rows or ROWS) if (out / "cells" / r / f"seed-{seed}" / "result.json").is_file()]
+    if not rows:
+        raise UserError(f"{out}: no finished cell of seed {seed}")
+    bands = []
+    for r in rows:
+        res = json.loads((out / "cells" / r / f"seed-{seed}" / "result.json").read_text(encoding="utf-8"))
+        spc = res["budget"]["samples_per_class"]
+        n_cls = res["samples"] // spc
+        folder = out / "cells" / r / f"seed-{seed}" / "samples"
+        imgs = [load_image(folder / f"{c * spc + i:06d}.png") for i in range(min(per_class, spc)) for c in range(n_cls)]
+        bands.append(make_grid(torch.stack(imgs), n_cls, pad=1))
+    sep = torch.zeros(3, 4, bands[0].shape[2])
+    sheet = torch.cat([x for b in bands for x in (b, sep)][:-1], dim=1)
+    sheet = sheet.repeat_interleave(zoom, dim=1).repeat_interleave(zoom, dim=2)
+    save_png(sheet, Path(path))
+    return Path(path)

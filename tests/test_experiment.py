@@ -61,6 +61,10 @@ def test_tiny_ablation_table_has_the_rows(finished):
     assert len(var["student_ce_per_scale"]) == 6
     assert 0.0 <= var["accuracy"] <= 1.0 and var["samples"] == 8
     assert (finished / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from fvar_core.images import load_image
+
+    sheet = load_image(finished / "samples-seed0.png")  # 2 bands of 4 samples × 2 classes, 32 px, zoom 2
+    assert sheet.shape == (3, 2 * (2 * (4 * 33 + 1)) + 2 * 4, 2 * (2 * 33 + 1))
     # The two rows share the preset's budget but not the tokenizer: VAR's has no alias codebook.
     assert (finished / "tokenizers" / "area" / "seed-0" / "run").is_dir()
     assert (finished / "tokenizers" / "disk" / "seed-0" / "run").is_dir()
@@ -190,3 +194,29 @@ def test_image_leakage_orders_smooth_below_jagged():
     assert float(lk[0].max()) < 1e-20
     assert float(lk[1].mean()) > 1e-4 and float(lk[2].mean()) > 1e-4
     assert bool((lk >= 0).all())
+
+
+def test_alias_audit_command(finished, drawn, tmp_path, cli):
+    tok = finished / "tokenizers" / "disk" / "seed-0" / "run"
+    run = finished / "cells" / "fvar" / "seed-0" / "run"
+    shards = finished / "tokenizers" / "disk" / "seed-0" / "shards-test"
+    out = tmp_path / "audit.json"
+    r = cli("experiment", "alias-audit", "--tokenizer", str(tok), "--data", str(drawn / "test"), "--max-images", "8",
+            "--run", str(run), "--tokens", str(shards), "--json", str(out))
+    assert r.code == 0, r.err
+    assert "alias codebook: perplexity" in r.out and "teacher_shuffled" in r.out
+    doc = json.loads(out.read_text())
+    scales = doc["tokenizer"]["scales"]
+    assert len(scales) == 6 and doc["tokenizer"]["images"] == 8
+    # The last scale is the sharp image itself: no residual between the views, in latent or image space.
+    assert scales[-1]["alias_ms"] == 0.0 and scales[-1]["image_alias_to_view"] == 0.0
+    assert scales[0]["alias_ms"] > 0.0
+    assert doc["tokenizer"]["alias_codes"]["size"] == 32
+    assert len(doc["cross_entropy"]["teacher_shuffled"]["per_scale"]) == 6
+
+
+def test_alias_audit_needs_pairs(cli, tmp_path):
+    r = cli("experiment", "alias-audit", "--tokenizer", str(tmp_path))
+    assert r.code == 2 and "--tokenizer and --data go together" in r.err
+    r = cli("experiment", "alias-audit")
+    assert r.code == 2 and "nothing to audit" in r.err

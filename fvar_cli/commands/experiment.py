@@ -77,7 +77,8 @@ def ablation(
                            data_per_class=data_per_class, device=device, say=typer.echo)
     typer.echo("")
     typer.echo(format_table(summary))
-    typer.echo(f"\nresults: {out / 'results.json'} · table: {out / 'table.md'} · plot: {out / 'ablation.png'}")
+    typer.echo(f"\nresults: {out / 'results.json'} · table: {out / 'table.md'} · plot: {out / 'ablation.png'} · "
+               f"samples: {out / f'samples-seed{_seeds(seeds)[0]}.png'}")
 
 
 @app.command("alias-audit")
@@ -90,6 +91,7 @@ def alias_audit(
                                                            "teacher-student CE gap."),
     tokens: Optional[Path] = typer.Option(None, "--tokens", help="Held-out token shards (with alias tokens) for --run."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the whole audit as JSON here."),
+    overrides: Optional[List[str]] = SetOption,
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
 ) -> None:
     """Per scale: alias residual energy relative to the structure residual, share of it the alias
@@ -117,19 +119,21 @@ def alias_audit(
 
         n_cls = max(1, len(scan_image_folder(data).classes))
         images, _, _, _ = labelled_folder(data, int(cfg["preset"]["resolution"]), per_class=max(1, max_images // n_cls))
-        tok = report["tokenizer"] = tokenizer_audit(tokenizer, images, device=device)
-        typer.echo(f"tokenizer {tok['tokenizer']} ({tok['preset']}, {tok['pyramid']['kernel']} PSF, "
-                   f"focus_grad {tok['focus_grad']}) on {tok['images']} images of {data}")
+        tok = report["tokenizer"] = tokenizer_audit(tokenizer, images, overrides=overrides or [], device=device)
+        typer.echo(f"tokenizer {tok['tokenizer']} ({tok['preset']}, {tok['pyramid']['kernel']} PSF, noise "
+                   f"{'on' if tok['pyramid']['noise'] else 'off'}, focus_grad {tok['focus_grad']}) on "
+                   f"{tok['images']} images of {data}")
         def f(v, fmt: str, width: int) -> str:
             return format(v, fmt).rjust(width) if v is not None else "–".rjust(width)
 
-        typer.echo("scale  side    ρ px  structure ms  alias ms   alias/structure  image (D−L)/L  alias coded  "
-                   "alias ppl  structure ppl")
+        typer.echo("scale  side    ρ px  structure ms  alias ms   alias/structure  image (D−L)/L  rank corr  "
+                   "alias coded  alias ppl  structure ppl")
         for s in tok["scales"]:
             typer.echo(f"{s['scale']:>5}  {s['tokens']:>4}  {s['rho']:>6.2f}  {s['structure_ms']:>12.3e}  "
-                       f"{f(s.get('alias_ms'), '.2e', 9)}  {f(s.get('alias_to_structure'), '.4f', 15)}  "
-                       f"{f(s.get('image_alias_to_view'), '.4f', 13)}  {f(s.get('alias_coded'), '.2f', 11)}  "
-                       f"{f(s.get('alias_perplexity'), '.1f', 9)}  {s['structure_perplexity']:>13.1f}")
+                       f"{f(s.get('alias_ms'), '.2e', 9)}  {f(s.get('alias_to_structure'), '.2e', 15)}  "
+                       f"{f(s.get('image_alias_to_view'), '.2e', 13)}  {f(s.get('carrier_rank_corr'), '.2f', 9)}  "
+                       f"{f(s.get('alias_coded'), '.2f', 11)}  {f(s.get('alias_perplexity'), '.1f', 9)}  "
+                       f"{s['structure_perplexity']:>13.1f}")
         if tok["alias_codes"]:
             a = tok["alias_codes"]
             typer.echo(f"alias codebook: perplexity {a['perplexity']:.1f} of {a['size']}, {a['dead']} dead codes")
