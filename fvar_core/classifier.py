@@ -33,12 +33,12 @@ import torch.nn.functional as F
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from .checkpoints import (WEIGHTS_NAME, check_checkpoint_target, load_checkpoint, load_strict, save_checkpoint,
-                          sha256_file)
+from .checkpoints import check_checkpoint_target, load_checkpoint, load_strict, save_checkpoint
 from .data import scan_image_folder
 from .devices import pick_device
 from .errors import UserError
 from .images import open_rgb
+from .shards import weights_sha256
 
 PathLike = Union[str, Path]
 KIND = "classifier"
@@ -305,5 +305,7 @@ def load_classifier(path: PathLike, device: Optional[str] = None) -> LoadedClass
     net = FeatureNet(len(info["classes"]), cfg)
     load_strict(net, ck.state_dict, f"classifier {ck.path}")
     net.to(pick_device(device or "auto")).eval()
-    return LoadedClassifier(net, list(info["classes"]), ck.path, sha256_file(ck.path / WEIGHTS_NAME),
+    # The tensors' hash, not the file's: safetensors orders its metadata freely, so two saves of the
+    # same weights can differ as files, and a retrained identical network must keep its identity.
+    return LoadedClassifier(net, list(info["classes"]), ck.path, weights_sha256(ck.state_dict),
                             {k: v for k, v in ck.extra.items()})

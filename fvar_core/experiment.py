@@ -216,6 +216,7 @@ def run_ablation(out: PathLike, *, rows: Sequence[str] = DEFAULT_ROWS, seeds: Se
     """Every (row, seed) cell not yet done, seed-major (so a cut-off run has whole seeds), then the
     summary of every finished cell in OUT (these and earlier ones, rows in ROWS order):
     results.json, table.md, ablation.png. Returns the summary."""
+    from .atomic import atomic_write_bytes
     from .evaluate import write_report
 
     out = Path(out)
@@ -235,10 +236,10 @@ def run_ablation(out: PathLike, *, rows: Sequence[str] = DEFAULT_ROWS, seeds: Se
         if were != json.loads(json.dumps(settings)):
             raise UserError(f"{out} holds an experiment with another budget or --set overrides "
                             f"({were['budget']}, {were['base_overrides']}): use another --out, or the same settings")
-    else:
-        write_report(settings, marker)
     _prepare(out, budget, data=data, source=source, download=download, data_per_class=data_per_class,
              device=device, say=say)
+    if not marker.is_file():  # after the data check: a mistyped first attempt does not pin the folder
+        write_report(settings, marker)
     total = len(rows) * len(seeds)
     for i, (seed, row) in enumerate((s, r) for s in seeds for r in rows):
         done = (out / "cells" / row / f"seed-{seed}" / "result.json").is_file()
@@ -253,7 +254,7 @@ def run_ablation(out: PathLike, *, rows: Sequence[str] = DEFAULT_ROWS, seeds: Se
     summary["budget"] = budget.__dict__
     summary["base_overrides"] = list(base_overrides)
     write_report(summary, out / "results.json")
-    (out / "table.md").write_text(format_table(summary) + "\n", encoding="utf-8")
+    atomic_write_bytes(out / "table.md", (format_table(summary) + "\n").encode())
     plot(summary, out / "ablation.png")
     sample_sheet(out, out / f"samples-seed{seeds[0]}.png", seed=seeds[0])
     return summary

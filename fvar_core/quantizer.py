@@ -158,6 +158,10 @@ class VQOutput:
     hits_SV:    (K, V) float — how often each structure code was chosen at each scale.
     alias_energy: scalar mean over scales of MSE(a_k, 0), the alias residual's own size (so
                 alias_loss / alias_energy is the fraction the alias codebook fails to code), or None.
+    alias_ratio: Σ_k MSE(a_k, 0) / Σ_k MSE(r_k, 0), r_k the structure residual area_down_k(t_k − f̂_{k−1})
+                the main codebook codes: the alias residual's size relative to the signal, which the
+                latent's overall scale cancels out of (alias_energy alone moves with that scale;
+                docs/alias-audit.md), or None.
     """
 
     f_hat: torch.Tensor
@@ -167,6 +171,7 @@ class VQOutput:
     alias_idx: Optional[List[torch.Tensor]]
     hits_SV: torch.Tensor
     alias_energy: Optional[torch.Tensor] = None
+    alias_ratio: Optional[torch.Tensor] = None
 
 
 class MultiScaleQuantizer(nn.Module):
@@ -396,6 +401,7 @@ class MultiScaleQuantizer(nn.Module):
             vq_loss = f.new_zeros(())
             alias_loss = f.new_zeros(()) if Ea is not None else None
             alias_energy = f.new_zeros(()) if Ea is not None else None
+            structure_energy = f.new_zeros(())
             hits = torch.zeros(K, self.vocab_size, device=f.device)
             idx_list, alias_list = [], ([] if Ea is not None else None)
             for si, pn in enumerate(self.patch_nums):
@@ -404,7 +410,9 @@ class MultiScaleQuantizer(nn.Module):
                     src, f_rest = t, t.detach().clone()
                     for h in hs:
                         f_rest.sub_(h)
-                idx_N, _ = nearest_code(_to_NC(self._down(f_rest, si)).detach(), E.detach())
+                r = self._down(f_rest, si).detach()
+                structure_energy = structure_energy + r.square().mean()
+                idx_N, _ = nearest_code(_to_NC(r), E.detach())
                 hits[si] = idx_N.bincount(minlength=self.vocab_size).float()
                 h = self._up(self.embedding(idx_N.view(B, pn, pn)).permute(0, 3, 1, 2).contiguous(), si)
                 f_hat = f_hat + h
@@ -428,14 +436,16 @@ class MultiScaleQuantizer(nn.Module):
                     alias_list.append(a_idx.view(B, pn * pn))
 
             vq_loss = vq_loss / K
+            alias_ratio = None
             if alias_loss is not None:
+                alias_ratio = alias_energy / structure_energy.clamp_min(1e-30)
                 alias_loss, alias_energy = alias_loss / K, alias_energy / K
             f_hat_st = (f_hat.detach() - f.detach()) + f  # straight-through to the encoder
 
         if self.training:
             self._update_usage(hits)
         return VQOutput(f_hat=f_hat_st, vq_loss=vq_loss, alias_loss=alias_loss, idx=idx_list,
-                        alias_idx=alias_list, hits_SV=hits, alias_energy=alias_energy)
+                        alias_idx=alias_list, hits_SV=hits, alias_energy=alias_energy, alias_ratio=alias_ratio)
 
     @torch.no_grad()
     def _update_usage(self, hits_SV: torch.Tensor) -> None:

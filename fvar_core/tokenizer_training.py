@@ -238,6 +238,7 @@ class TokenizerTask:
             loss = loss + c.alias_weight * vq.alias_loss
             metrics["alias_vq"] = vq.alias_loss.detach()
             metrics["alias_energy"] = vq.alias_energy.detach()
+            metrics["alias_ratio"] = vq.alias_ratio.detach()
         if self.disc is not None:
             from .discriminator import adaptive_weight
 

@@ -220,3 +220,22 @@ def test_alias_audit_needs_pairs(cli, tmp_path):
     assert r.code == 2 and "--tokenizer and --data go together" in r.err
     r = cli("experiment", "alias-audit")
     assert r.code == 2 and "nothing to audit" in r.err
+
+
+def test_training_forward_logs_the_alias_ratio_the_audit_measures():
+    """VQOutput.alias_ratio (what train-tokenizer logs) = Σ_k ms(a_k) / Σ_k ms(r_k), the audit's
+    per-scale energies summed."""
+    from fvar_core.presets import load_preset
+    from fvar_core.quantizer import MultiScaleQuantizer
+
+    p = load_preset("tiny-32")
+    torch.manual_seed(0)
+    q = MultiScaleQuantizer(p.tokenizer, p.patch_nums).eval()
+    H = p.patch_nums[-1]
+    f = torch.randn(2, p.tokenizer.z_channels, H, H)
+    zs = [f + 0.3 * torch.randn_like(f) for _ in p.patch_nums[:-1]] + [f]
+    out = q(f, zs)
+    e = q.encode_focus(f, zs, with_energy=True).energy
+    want = sum(float(k["alias"].mean()) for k in e) / sum(float(k["structure"].mean()) for k in e)
+    assert float(out.alias_ratio) == pytest.approx(want, rel=1e-5)
+    assert float(out.alias_energy) == pytest.approx(sum(float(k["alias"].mean()) for k in e) / len(e), rel=1e-5)

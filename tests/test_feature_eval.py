@@ -52,8 +52,11 @@ def test_classifier_learns_and_its_checkpoint_round_trips(tmp_path):
     train_classifier(train, tmp_path / "clf2", TINY, device="cpu")
     train_classifier(train, tmp_path / "clf3", TINY, device="cpu")
     # (compared as tensors: safetensors writes its metadata map in no fixed order, so file hashes differ)
-    a, b = (load_classifier(tmp_path / n).net.state_dict() for n in ("clf2", "clf3"))
+    c2, c3 = (load_classifier(tmp_path / n) for n in ("clf2", "clf3"))
+    a, b = c2.net.state_dict(), c3.net.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # ... and the identity every report names is the weights', so it is the same for both
+    assert c2.weights_sha256 == c3.weights_sha256
 
 
 def test_augment_shifts_with_zero_fill_and_flips():
