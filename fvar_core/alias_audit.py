@@ -58,13 +58,12 @@ def tokenizer_audit(tokenizer: PathLike, images: torch.Tensor, *, overrides: Seq
     R = p.resolution
     if images.ndim != 4 or tuple(images.shape[1:]) != (3, R, R):
         raise UserError(f"images of shape {tuple(images.shape)}: the tokenizer wants (N, 3, {R}, {R})")
-    from .psf import blur
-    from .pyramid import area_down
-    from .schedules import radii, view_sizes
+    from .pyramid import focus_views
+    from .schedules import radii
 
     K = p.num_scales
     rhos = radii(p.pyramid.schedule, p.pyramid.rho_max, p.patch_nums, R)
-    sizes = view_sizes(p.patch_nums, R)
+    optics = p.pyramid.model_copy(update={"noise": False})  # the image-space residual: optics only
     sums = [dict(structure=0.0, alias=0.0, alias_error=0.0, image_alias=0.0, image_view=0.0) for _ in range(K)]
     per_image: List[Dict[str, List[np.ndarray]]] = [dict(alias=[], image_alias=[]) for _ in range(K)]
     Va = p.tokenizer.alias_tokens
@@ -75,11 +74,10 @@ def tokenizer_audit(tokenizer: PathLike, images: torch.Tensor, *, overrides: Seq
     for i in range(0, len(images), batch_size):
         x = images[i:i + batch_size].to(device).float().div(127.5).sub(1.0)
         toks = tok.encode_with_pyramid(x, p.pyramid, R, generator=gen, with_energy=True)
+        views = focus_views(x, optics, p.patch_nums, R)  # the paper's Fig. 2: A_k = D_k − L_k
         for k in range(K):
-            # The paper's Fig. 2 residual in image space: D_k − L_k = area_down(x) − area_down(PSF ⋆ x).
-            L_k = area_down(blur(x, p.pyramid.kernel, rhos[k]), sizes[k]) if p.pyramid.kernel != "area" and \
-                rhos[k] >= 0.5 else area_down(x, sizes[k])
-            img_alias = (area_down(x, sizes[k]) - L_k).double().square().mean(dim=(1, 2, 3))  # (B,)
+            L_k = views.L[k]
+            img_alias = views.A[k].double().square().mean(dim=(1, 2, 3))  # (B,)
             sums[k]["image_alias"] += float(img_alias.sum())
             per_image[k]["image_alias"].append(img_alias.cpu().numpy())
             if "alias" in toks.energy[k]:
@@ -188,11 +186,9 @@ def cross_entropy_report(run: PathLike, shards: PathLike, *, batch_size: int = 1
         if teacher is not None:
             alias = torch.stack([it[1] for it in items]).to(device)
             sums["teacher"] += per_scale_ce(teacher(label, x_in, alias), structure, p.patch_nums).cpu()
-            if len(items) > 1:
-                shuffled = shuffle_alias(alias, gen)
-                sums["teacher_shuffled"] += per_scale_ce(teacher(label, x_in, shuffled), structure, p.patch_nums).cpu()
-            else:  # a lone last image has no other image to borrow from: count it unshuffled
-                sums["teacher_shuffled"] += per_scale_ce(teacher(label, x_in, alias), structure, p.patch_nums).cpu()
+            # A lone last image has no other image to borrow from: it counts unshuffled.
+            shuffled = shuffle_alias(alias, gen) if len(items) > 1 else alias
+            sums["teacher_shuffled"] += per_scale_ce(teacher(label, x_in, shuffled), structure, p.patch_nums).cpu()
     tokens = torch.tensor(sizes, dtype=torch.float64) * n
     out: Dict[str, Any] = {"run": str(Path(run)), "shards": str(Path(shards)), "images": n,
                            "patch_nums": list(p.patch_nums)}

@@ -157,19 +157,26 @@ def test_code_usage_golden():
     assert code_usage(np.zeros(3))["dead"] == 3
 
 
-def test_encode_focus_energy_matches_its_definition():
-    """with_energy: structure = ms(area_down(z_k − f̂_{k−1})), alias = ms(area_down(f − z_k)); the
-    tokens are the same as without it."""
+def _quantizer_and_focus_latents():
+    """tiny-32's quantizer (eval, seed 0), a random latent f (2, Cz, 8, 8) and focus latents z_k:
+    f plus noise at every scale but the last, where z_K = f."""
     from fvar_core.presets import load_preset
     from fvar_core.quantizer import MultiScaleQuantizer
-    import torch.nn.functional as F
 
     p = load_preset("tiny-32")
     torch.manual_seed(0)
     q = MultiScaleQuantizer(p.tokenizer, p.patch_nums).eval()
     H = p.patch_nums[-1]
     f = torch.randn(2, p.tokenizer.z_channels, H, H)
-    zs = [f + 0.3 * torch.randn_like(f) for _ in p.patch_nums[:-1]] + [f]
+    return p, q, f, [f + 0.3 * torch.randn_like(f) for _ in p.patch_nums[:-1]] + [f]
+
+
+def test_encode_focus_energy_matches_its_definition():
+    """with_energy: structure = ms(area_down(z_k − f̂_{k−1})), alias = ms(area_down(f − z_k)); the
+    tokens are the same as without it."""
+    import torch.nn.functional as F
+
+    p, q, f, zs = _quantizer_and_focus_latents()
     a = q.encode_focus(f, zs, with_energy=True)
     b = q.encode_focus(f, zs)
     assert all(torch.equal(x, y) for x, y in zip(a.structure, b.structure))
@@ -225,15 +232,7 @@ def test_alias_audit_needs_pairs(cli, tmp_path):
 def test_training_forward_logs_the_alias_ratio_the_audit_measures():
     """VQOutput.alias_ratio (what train-tokenizer logs) = Σ_k ms(a_k) / Σ_k ms(r_k), the audit's
     per-scale energies summed."""
-    from fvar_core.presets import load_preset
-    from fvar_core.quantizer import MultiScaleQuantizer
-
-    p = load_preset("tiny-32")
-    torch.manual_seed(0)
-    q = MultiScaleQuantizer(p.tokenizer, p.patch_nums).eval()
-    H = p.patch_nums[-1]
-    f = torch.randn(2, p.tokenizer.z_channels, H, H)
-    zs = [f + 0.3 * torch.randn_like(f) for _ in p.patch_nums[:-1]] + [f]
+    _, q, f, zs = _quantizer_and_focus_latents()
     out = q(f, zs)
     e = q.encode_focus(f, zs, with_energy=True).energy
     want = sum(float(k["alias"].mean()) for k in e) / sum(float(k["structure"].mean()) for k in e)

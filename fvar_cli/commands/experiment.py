@@ -72,13 +72,14 @@ def ablation(
                  test_per_class=test_per_class, samples_per_class=samples_per_class,
                  classifier_epochs=classifier_epochs)
     budget = replace(BUDGETS[size], **{k: v for k, v in given.items() if v is not None})
-    summary = run_ablation(out, rows=[r.strip() for r in rows.split(",") if r.strip()], seeds=_seeds(seeds),
+    seed_list = _seeds(seeds)
+    summary = run_ablation(out, rows=[r.strip() for r in rows.split(",") if r.strip()], seeds=seed_list,
                            budget=budget, base_overrides=overrides or [], data=data, source=source, download=download,
                            data_per_class=data_per_class, device=device, say=typer.echo)
     typer.echo("")
     typer.echo(format_table(summary))
     typer.echo(f"\nresults: {out / 'results.json'} · table: {out / 'table.md'} · plot: {out / 'ablation.png'} · "
-               f"samples: {out / f'samples-seed{_seeds(seeds)[0]}.png'}")
+               f"samples: {out / f'samples-seed{seed_list[0]}.png'}")
 
 
 @app.command("alias-audit")
