@@ -6,14 +6,15 @@ An entry point may name a `typer.Typer` (a command group) or a plain function (o
 """
 from __future__ import annotations
 
-import errno
+import shlex
 import sys
+import warnings
 from importlib.metadata import EntryPoint, entry_points
 from typing import Iterable, Optional
 
 import typer
 
-from fvar_core.errors import UserError
+from fvar_core.errors import FvarWarning, UserError
 
 GROUP = "fvar.commands"
 
@@ -51,24 +52,46 @@ def build_app(eps: Optional[Iterable[EntryPoint]] = None) -> typer.Typer:
     return app
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """fvar's own warnings as one `fvar: warning:` line; others as Python prints them."""
+    if issubclass(category, FvarWarning):
+        print(f"fvar: warning: {message}", file=sys.stderr if file is None else file)
+    else:
+        _python_show_warning(message, category, filename, lineno, file, line)
+
+
+_python_show_warning = warnings.showwarning
+
+
 def run(app: typer.Typer, argv: Optional[list[str]] = None) -> int:
-    """Run the app; user errors become one line on stderr and exit code 2."""
+    """Run the app. User errors, and output that cannot be written, become one line on stderr and
+    exit code 2; Ctrl-C says where the command stopped and how to resume it (exit 130)."""
+    from fvar_core.atomic import write_error
+    from fvar_core.interrupt import where
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    warnings.showwarning = _show_warning
     try:
-        app(args=argv, prog_name="fvar", standalone_mode=True)
+        app(args=args, prog_name="fvar", standalone_mode=True)
     except SystemExit as e:
         return int(e.code or 0) if not isinstance(e.code, str) else 1
     except UserError as e:
         print(f"fvar: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        if e.errno == errno.ENOSPC:
-            print(f"fvar: error: no space left on device while writing {e.filename or 'output'}; "
-                  "nothing was overwritten", file=sys.stderr)
-            return 2
-        raise
-    except KeyboardInterrupt:
-        print("fvar: interrupted", file=sys.stderr)
+        reason = write_error(e)
+        if reason is None:
+            raise
+        # a safety net: commands check their output paths first, so this is a race or a full disk
+        print(f"fvar: error: cannot write {e.filename or 'the output'}: {reason}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        at = where(e)
+        print("fvar: interrupted" + (f" {at}; to resume, rerun: {shlex.join(['fvar', *args])}" if at else ""),
+              file=sys.stderr)
         return 130
+    finally:
+        warnings.showwarning = _python_show_warning
     return 0
 
 

@@ -3,18 +3,20 @@
 A checkpoint is a directory:
 
     config.json         {"format": "fvar-checkpoint", "format_version": 1, "kind": ..., "preset": {...},
-                         "provenance": {"fvar_version", "created" (UTC ISO), "source", "step", ...}}
+                         "provenance": {"fvar_version", "created" (UTC ISO), "source", "step", ...},
+                         "files": {name: {"bytes", "sha256"}} of the other files (absent before v0.2)}
     model.safetensors   the weights (no pickle is ever needed to load them)
     training_state.pt   optional: optimizer / scheduler / RNG state for resuming
 
 `save_checkpoint` is atomic: everything is written into a sibling temporary directory, fsynced,
 then renamed into place; an existing checkpoint is renamed aside first and removed only once the new
-one is in place. Official `.pth` files are read with `weights_only=True` only.
+one is in place. Loading verifies the recorded sizes and checksums first (`verify_checkpoint`), so
+a damaged file is named as such rather than half-read. Official `.pth` files are read with
+`weights_only=True` only.
 """
 from __future__ import annotations
 
 import datetime as _dt
-import errno
 import hashlib
 import json
 import os
@@ -29,7 +31,7 @@ from typing import Any, Iterable, Mapping, Optional, Union
 import torch
 from safetensors.torch import load_file, save_file
 
-from .atomic import atomic_write, umask
+from .atomic import atomic_write, check_writable, umask, write_error
 from .config import Preset
 from .errors import UserError
 from .presets import list_presets, load_preset, validate
@@ -152,12 +154,15 @@ def save_checkpoint(directory: PathLike, *, kind: str, preset: Optional[Preset],
     config = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind,
               **({"preset": preset.model_dump(mode="json")} if preset is not None else {}),
               **dict(extra or {}), "provenance": prov}
-    config_text = json.dumps(config, indent=2) + "\n"  # fails here, before any file is touched
+    json.dumps(config)  # a value JSON cannot hold fails here, before any file is touched
     tensors = _for_safetensors(state_dict)
 
     parent = target.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{target.name}.tmp-"))
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{target.name}.tmp-"))
+    except OSError as e:
+        raise UserError(f"cannot write checkpoint {target}: {write_error(e) or e}") from None
     aside: Optional[Path] = None
     try:
         os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700 directories
@@ -169,8 +174,12 @@ def save_checkpoint(directory: PathLike, *, kind: str, preset: Optional[Preset],
                 torch.save(dict(training_state), f)
                 f.flush()
                 os.fsync(f.fileno())
+        # sizes and sha256 of what was written: `verify_checkpoint` tells a truncated or damaged
+        # file from a good one before anything trusts it
+        config["files"] = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+                           for p in (weights, tmp / TRAINING_STATE_NAME) if p.is_file()}
         with open(tmp / CONFIG_NAME, "w", encoding="utf-8") as f:
-            f.write(config_text)
+            f.write(json.dumps(config, indent=2) + "\n")
             f.flush()
             os.fsync(f.fileno())
         _fsync_path(tmp)
@@ -184,11 +193,9 @@ def save_checkpoint(directory: PathLike, *, kind: str, preset: Optional[Preset],
         if aside is not None and not target.exists():
             os.replace(aside, target)  # put the old checkpoint back
             aside = None
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            raise UserError(f"no space left on device writing checkpoint {target}; "
-                            f"nothing was overwritten") from None
-        if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            raise UserError(f"cannot write checkpoint {target}: {e.strerror}") from None
+        reason = write_error(e)
+        if reason is not None:  # torch.save and safetensors report a full disk without an errno
+            raise UserError(f"cannot write checkpoint {target}: {reason}; nothing was overwritten") from None
         raise
     try:
         _fsync_path(parent)  # make the renames durable; best effort (some filesystems refuse)
@@ -251,6 +258,46 @@ def read_checkpoint_config(path: PathLike) -> tuple[Path, dict[str, Any]]:
     return d, data
 
 
+_VERIFIED: dict[tuple, None] = {}  # (file, size, mtime_ns, sha256) already checked by this process
+
+
+def verify_checkpoint(path: PathLike) -> Optional[str]:
+    """None if the checkpoint's config.json reads and every file it records has its recorded size
+    and sha256; else the reason, in a few words. A checkpoint written before checksums were
+    recorded passes when its weights file is present and its safetensors header reads."""
+    try:
+        d, data = read_checkpoint_config(path)
+    except UserError as e:
+        return str(e)
+    files = data.get("files")
+    if not isinstance(files, dict):
+        weights = d / WEIGHTS_NAME
+        if not weights.is_file():
+            return f"{WEIGHTS_NAME} missing"
+        try:
+            from safetensors import safe_open
+            with safe_open(str(weights), framework="pt"):
+                pass
+        except Exception as e:  # SafetensorError: a truncated or damaged header
+            return (f"{WEIGHTS_NAME} is unreadable or corrupt "
+                    f"({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+        return None
+    for name, rec in sorted(files.items()):
+        f = d / name
+        if not f.is_file():
+            return f"{name} missing"
+        st = f.stat()
+        if st.st_size != rec.get("bytes"):
+            return (f"{name} is unreadable or corrupt ({st.st_size} bytes, {rec.get('bytes')} were written: "
+                    f"truncated or replaced)")
+        key = (str(f.resolve()), st.st_size, st.st_mtime_ns, rec.get("sha256"))
+        if key not in _VERIFIED:
+            if sha256_file(f) != rec.get("sha256"):
+                return f"{name} is unreadable or corrupt (its sha256 differs from the one recorded at save time)"
+            _VERIFIED[key] = None
+    return None
+
+
 def _article(kind: str) -> str:
     return "an" if kind[0] in "aeiou" else "a"
 
@@ -270,12 +317,16 @@ def load_checkpoint(path: PathLike, expect_kind: Optional[str] = None, device: U
     weights = d / WEIGHTS_NAME
     if not weights.is_file():
         raise UserError(f"{d} has {CONFIG_NAME} but no {WEIGHTS_NAME}")
+    problem = verify_checkpoint(d)
+    if problem is not None:
+        raise UserError(f"checkpoint {d}: {problem}")
     try:
         state_dict = load_file(str(weights), device=str(device))
     except Exception as e:  # SafetensorError, OSError, ...: the file, not the program, is wrong
         detail = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"{weights} is unreadable or corrupt ({detail})") from None
-    extra = {k: v for k, v in data.items() if k not in ("format", "format_version", "kind", "preset", "provenance")}
+    extra = {k: v for k, v in data.items()
+             if k not in ("format", "format_version", "kind", "preset", "provenance", "files")}
     return Checkpoint(path=d, kind=kind, preset=preset, state_dict=state_dict,
                       provenance=dict(data.get("provenance", {})), extra=extra)
 

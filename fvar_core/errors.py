@@ -7,3 +7,8 @@ its traceback.
 
 class UserError(Exception):
     """A problem with what the user asked for, explained in one line."""
+
+
+class FvarWarning(UserWarning):
+    """Something a user should know that does not stop the command (a skipped corrupt checkpoint,
+    a stale lock taken over). The CLI prints it as one `fvar: warning:` line."""

@@ -43,6 +43,7 @@ from typing import Callable, Dict, List, Literal, Optional, Sequence, Tuple, Uni
 import numpy as np
 from PIL import Image
 
+from . import envvars
 from .atomic import atomic_write_bytes, ensure_dir
 from .errors import UserError
 
@@ -129,7 +130,7 @@ def _has_files(folder: Path) -> bool:
 
 def cache_dir() -> Path:
     """fvar's download cache for this dataset: $FVAR_CACHE/datasets/fashion-mnist (~/.cache/fvar)."""
-    return Path(os.environ.get("FVAR_CACHE", Path.home() / ".cache" / "fvar")).expanduser() / "datasets" / NAME
+    return Path(os.environ.get(envvars.CACHE, Path.home() / ".cache" / "fvar")).expanduser() / "datasets" / NAME
 
 
 def verify_gz(path: Path, name: str) -> None:

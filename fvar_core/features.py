@@ -29,10 +29,11 @@ from typing import Callable, Dict, Iterator, Optional, Union
 import numpy as np
 import torch
 
+from . import envvars
 from .checkpoints import sha256_file
 from .errors import UserError
 
-ENV_WEIGHTS = "FVAR_FEATURE_WEIGHTS"
+ENV_WEIGHTS = envvars.FEATURE_WEIGHTS
 EXTRACTOR = "inception-v3-compat"
 POOL_LAYER = "2048"             # pool3, FID / KID / precision-recall
 LOGITS_LAYER = "logits_unbiased"  # pool3 · W without the bias, the Inception score's classifier

@@ -38,13 +38,14 @@ from typing import Callable, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
+from . import envvars
 from .atomic import umask
 from .errors import UserError
 from .features import InceptionFeatures, extract_batch
 from .imagesets import CROP_DESCRIPTION, crop_transform, folder_images, open_npz, read_files
 from .metrics import RunningStats
 
-ENV_CACHE = "FVAR_CACHE"
+ENV_CACHE = envvars.CACHE
 FORMAT = "fvar-refstats"
 VERSION = 1
 MAX_FEATURES = 10_000

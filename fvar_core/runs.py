@@ -15,12 +15,14 @@ recorded weights hash when there is one.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
-from .errors import UserError
+from . import envvars
+from .errors import FvarWarning, UserError
 
-ENV_RUNS = "FVAR_RUNS"
+ENV_RUNS = envvars.RUNS
 DEFAULT_RUNS = "runs"
 TOKENIZER_DIR = "tokenizer"
 
@@ -47,16 +49,26 @@ def _kind(path: Path) -> Optional[str]:
         return None
 
 
-def resolve_checkpoint(path: PathLike, what: str = "checkpoint") -> Path:
-    """A checkpoint directory from a checkpoint or a run directory (→ its newest checkpoint)."""
-    from .training import complete_checkpoints
+def newest_usable(run: Path, what: str = "checkpoint") -> Optional[Path]:
+    """The newest checkpoint of a run that is complete and verifies; each newer one passed over
+    (incomplete or corrupt) is named in a warning. None if the run has none."""
+    from .training import usable_checkpoint
 
+    chosen, skipped = usable_checkpoint(run)
+    for d, reason in skipped:
+        warnings.warn(f"{what}: skipping {d}: {reason}" + (f"; using {chosen[1].name}" if chosen else ""),
+                      FvarWarning, stacklevel=3)
+    return chosen[1] if chosen else None
+
+
+def resolve_checkpoint(path: PathLike, what: str = "checkpoint") -> Path:
+    """A checkpoint directory from a checkpoint or a run directory (→ its newest usable checkpoint)."""
     p = Path(path)
     if p.is_dir() and not (p / "config.json").is_file() and (p / "checkpoints").is_dir():
-        ck = complete_checkpoints(p)
-        if not ck:
+        ck = newest_usable(p, what)
+        if ck is None:
             raise UserError(f"{what}: run directory {p} has no complete checkpoint yet")
-        return ck[-1][1]
+        return ck
     return p
 
 
@@ -68,10 +80,10 @@ def newest_checkpoint(kind: str = "var", root: Optional[PathLike] = None) -> Pat
     found = []
     if root.is_dir():
         for run in root.iterdir():
-            if run.is_dir():
-                for _, ck in complete_checkpoints(run):
-                    if _kind(ck) == kind:
-                        found.append(((ck / "model.safetensors").stat().st_mtime, str(ck), ck))
+            if run.is_dir() and complete_checkpoints(run):
+                ck = newest_usable(run)
+                if ck is not None and _kind(ck) == kind:
+                    found.append(((ck / "model.safetensors").stat().st_mtime, str(ck), ck))
     if not found:
         how = {"var": "train one with `fvar train --tokens SHARDS` (or --data DIR --tokenizer CKPT; or "
                       "`fvar distill`), or pass --ckpt",

@@ -41,17 +41,21 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .atomic import atomic_write_bytes
+from .atomic import atomic_write_bytes, check_writable, ensure_dir
 from .config import Preset
 from .errors import UserError
+from .interrupt import mark_interrupt
+from .runlock import LOCK_NAME, RunLock
 
 CHECKPOINTS = "checkpoints"
+SKIPPED_FILES = "skipped-files.txt"  # every data file left out, with its reason (`data.write_skipped`)
 LATEST = "latest"
 BEST = "best"
 CONFIG_YAML = "config.yaml"
 METRICS = "metrics.jsonl"
 LOG = "log.txt"
 STATE_VERSION = 1
+CHECKPOINT_FILES = ("config.json", "model.safetensors", "training_state.pt")  # of a complete training checkpoint
 
 # Fields that may change between a run and its resume: how long it runs and how it reports.
 # Anything else (architecture, lr, data processing, seed, ...) makes the run directory another run's.
@@ -284,9 +288,83 @@ def complete_checkpoints(run_dir: Path) -> List[Tuple[int, Path]]:
         for d in root.iterdir():
             name = d.name
             if d.is_dir() and name.startswith("step-") and name[5:].isdigit() and all(
-                    (d / f).is_file() for f in ("config.json", "model.safetensors", "training_state.pt")):
+                    (d / f).is_file() for f in CHECKPOINT_FILES):
                 out.append((int(name[5:]), d))
     return sorted(out)
+
+
+def usable_checkpoint(run_dir: Union[str, Path]) -> Tuple[Optional[Tuple[int, Path]], List[Tuple[Path, str]]]:
+    """The newest checkpoint of a run that is complete and verifies (sizes and sha256 recorded at
+    save time, `checkpoints.verify_checkpoint`), as (step, dir) or None; and (dir, reason) for each
+    newer `step-*` directory passed over — incomplete (a file missing) or corrupt. Nothing is
+    changed on disk."""
+    from .checkpoints import verify_checkpoint
+
+    root = Path(run_dir) / CHECKPOINTS
+    dirs = sorted(((int(d.name[5:]), d) for d in root.iterdir()
+                   if d.is_dir() and d.name.startswith("step-") and d.name[5:].isdigit()),
+                  reverse=True) if root.is_dir() else []
+    skipped: List[Tuple[Path, str]] = []
+    for step, d in dirs:
+        missing = [f for f in CHECKPOINT_FILES if not (d / f).is_file()]
+        reason = f"incomplete ({', '.join(missing)} missing)" if missing else verify_checkpoint(d)
+        if reason is None:
+            return (step, d), skipped
+        skipped.append((d, reason))
+    return None, skipped
+
+
+def _set_aside(d: Path) -> Path:
+    """Rename a broken checkpoint to <name>.bad[-N] (never deleted; no longer a step-* checkpoint)."""
+    for n in range(1000):
+        aside = d.with_name(f"{d.name}.bad" + (f"-{n}" if n else ""))
+        if not aside.exists():
+            d.rename(aside)
+            return aside
+    raise UserError(f"cannot set {d} aside: too many {d.name}.bad-N folders")
+
+
+def data_identity(source: str, path: Union[str, Path], fingerprint: str) -> Dict[str, str]:
+    """What a run trained on: 'images' (folder, `FolderIndex.fingerprint`) or 'tokens' (shards,
+    `TokenShards.fingerprint`), the resolved path and the fingerprint."""
+    return {"source": source, "path": str(Path(path).resolve()), "fingerprint": fingerprint}
+
+
+def _check_data_identity(ckpt: Optional[Path], now: Optional[Mapping[str, Any]], allow: bool) -> Optional[str]:
+    """Refuse to resume `ckpt` on other data than it was trained on (unless `allow`: then the
+    note to log). Checkpoints written before data identities were recorded are not checked."""
+    if ckpt is None or not now:
+        return None
+    from .checkpoints import read_checkpoint_config
+
+    was = read_checkpoint_config(ckpt)[1].get("provenance", {}).get("data_identity")
+    if not isinstance(was, dict):
+        return None
+    diff = [k for k in ("source", "path", "fingerprint") if was.get(k) != now.get(k)]
+    if not diff:
+        return None
+    what = (f"{was.get('source')} {was.get('path')} (fingerprint {str(was.get('fingerprint'))[:12]}) → "
+            f"{now.get('source')} {now.get('path')} (fingerprint {str(now.get('fingerprint'))[:12]})")
+    if not allow:
+        raise UserError(f"{ckpt.parent.parent} was trained on other data ({', '.join(diff)} differ: {what}); "
+                        f"pass the same --data/--tokens to resume, --allow-data-change to continue on the new "
+                        f"data, or another --out")
+    return f"data changed at {ckpt.name} ({what}): continuing on the new data (--allow-data-change)"
+
+
+def _lock_run_dir(acc: Any, run_dir: Path) -> Optional[RunLock]:
+    """The main process creates and locks the run directory; every rank learns whether it could."""
+    lock, refusal = None, None
+    if acc.is_main_process:
+        try:
+            ensure_dir(check_writable(run_dir, "run directory", folder=True), "run directory")
+            lock = RunLock(run_dir).acquire()
+        except UserError as e:
+            refusal = str(e)
+    refusal = _gather_objects(acc, refusal)[0]
+    if refusal is not None:
+        raise UserError(refusal)
+    return lock
 
 
 def _dump_preset(preset: Preset) -> Dict[str, Any]:
@@ -336,11 +414,13 @@ def check_run_dir(run_dir: Path, preset: Preset) -> Optional[Dict[str, Any]]:
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"{run_dir} exists and is not a directory")
+    check_writable(run_dir, "run directory", folder=True)
     if not run_dir.is_dir():
         return None
     stored = check_same_run(run_dir, preset)
     if stored is None and any(p.name not in (LOG, METRICS, CHECKPOINTS, "samples", "classes.json", "tokenizer",
-                                             ".tokenizer.tmp", "teacher", "discriminator.safetensors")
+                                             ".tokenizer.tmp", "teacher", "discriminator.safetensors", LOCK_NAME,
+                                             SKIPPED_FILES)
                               for p in run_dir.iterdir()):
         raise UserError(f"{run_dir} exists and is not an fvar run directory (no {CONFIG_YAML}); choose another --out")
     return stored
@@ -407,7 +487,8 @@ def _scalar(v: Any) -> Any:
 def fit(task: Task, data: Any, run_dir: Union[str, Path], cfg: Any, preset: Preset, mode: str, *,
         device: Optional[str] = None, console: Any = None, num_workers: Optional[int] = None,
         provenance: Optional[Mapping[str, Any]] = None, checkpoints: bool = True,
-        prepare: Optional[Callable[[Path], None]] = None) -> FitResult:
+        prepare: Optional[Callable[[Path], None]] = None, data_identity: Optional[Mapping[str, Any]] = None,
+        allow_data_change: bool = False) -> FitResult:
     """Train `task` on `data` (a map-style dataset) for cfg.steps optimiser steps in `run_dir`.
 
     cfg: the preset's section for this mode (`preset.tokenizer_train` or `preset.train`);
@@ -417,6 +498,8 @@ def fit(task: Task, data: Any, run_dir: Union[str, Path], cfg: Any, preset: Pres
     checkpoints=False writes none (`fvar bench train` times the loop without its I/O).
     prepare(run_dir) writes the caller's own run files (class index, tokenizer copy): on the main
     process only, after every rank has checked the directory, before any rank trains.
+    data_identity ({"source", "path", "fingerprint"}, see `data_identity`) is recorded in every
+    checkpoint; resuming on other data is refused unless allow_data_change (then logged).
     """
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
@@ -440,214 +523,236 @@ def fit(task: Task, data: Any, run_dir: Union[str, Path], cfg: Any, preset: Pres
         raise UserError(f"accelerate is configured for {acc.distributed_type.name}; fvar's loop supports one "
                         f"device and DDP (accelerate launch --multi_gpu) so far: choose DDP in `accelerate config`")
 
-    # 1. The run directory: refuse another run's before touching anything.
+    # 1. The run directory: refuse another run's, or one another process holds, before writing to it;
+    #    then the newest checkpoint that verifies (newer broken ones are named, kept and set aside).
     check_run_dir(run_dir, preset)
-    ckpts = complete_checkpoints(run_dir) if run_dir.is_dir() else []
-    acc.wait_for_everyone()  # every rank has read the directory before the main process writes to it
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(run_dir / CONFIG_YAML, preset_to_yaml(preset).encode())
-        for leftover in (run_dir / CHECKPOINTS).glob(".step-*") if (run_dir / CHECKPOINTS).is_dir() else []:
-            shutil.rmtree(leftover, ignore_errors=True)  # temporaries of an interrupted save
-        if prepare is not None:
-            prepare(run_dir)
-    acc.wait_for_everyone()
-    log = RunLog(run_dir, console, enabled=main)
-
-    # 2. Model, optimiser; the RNG seeded first so a fresh run's initialisation is reproducible.
-    seed_everything(S.seed)
-    model = task.build()
-    groups = []
-    for g in task.param_groups(model):
-        params = [p for p in g["params"] if p.requires_grad]
-        if params:
-            groups.append({"params": params, "wd_mult": 1.0 if g.get("weight_decay", True) else 0.0,
-                           "lr_mult": float(g.get("lr_mult", 1.0)), "lr": S.peak_lr, "weight_decay": 0.0})
-    if not groups:
-        raise UserError("nothing to train: every parameter of the model is frozen")
-    model = model.to(dev)
-    opt = torch.optim.AdamW(groups, lr=S.peak_lr, betas=S.betas, weight_decay=0.0,
-                            **({"fused": True} if dev.type == "cuda" else {}))
-
-    # 3. Resume.
-    start, resumed_from, last_ckpt, position = 0, None, None, 0
-    best_metric = getattr(task, "best_metric", None)
-    best: Optional[Dict[str, Any]] = None  # {"metric", "value", "step"} of the best checkpoint so far
-    if ckpts:
-        step0, path = ckpts[-1]
-        ck = load_checkpoint(path, expect_kind=task.kind)
-        state = load_training_state(path)
-        if state is None or state.get("mode") != mode:
-            raise UserError(f"{path} is a checkpoint of a '{state.get('mode') if state else '?'}' run, "
-                            f"not '{mode}'; choose another --out")
-        task.load_state_dict(ck.state_dict)
-        if hasattr(task, "load_extra_state") and state.get("task") is not None:
-            task.load_extra_state(state["task"])  # first: its messages name what differs
-        try:
-            opt.load_state_dict(state["optimizer"])
-        except ValueError as e:  # another set of trainable parameters than the run had
-            raise UserError(f"{path}: the run's optimiser state does not fit this model ({e}); resume with the "
-                            f"same options, or choose another --out") from None
-        rngs = state["rng"]
-        _set_rng_state(rngs[acc.process_index] if acc.process_index < len(rngs) else rngs[0], dev)
-        if acc.process_index >= len(rngs):
-            torch.manual_seed(S.seed + 7919 * acc.process_index)  # a new rank: a new, seeded stream
-        start, position = int(state["step"]), int(state["data_position"])
-        best = state.get("best")
-        resumed_from, last_ckpt = start, path
-    elif acc.num_processes > 1:
-        torch.manual_seed(S.seed + 7919 * acc.process_index)
-
-    if main:
-        _truncate_metrics(run_dir / METRICS, start)
-    model, opt = acc.prepare(model, opt)
-    task.attach(model)
-
-    # 4. Data.
-    stream = BatchStream(len(data), S.batch_size, S.seed, position, S.grad_accum, acc.num_processes,
-                         acc.process_index)
-    workers = int(num_workers if num_workers is not None else getattr(preset.data, "num_workers", 0))
-    loader = torch.utils.data.DataLoader(EpochItems(data, S.seed), batch_sampler=stream, num_workers=workers,
-                                         pin_memory=dev.type == "cuda", prefetch_factor=2 if workers else None,
-                                         # its own generator: creating the iterator draws a worker base
-                                         # seed, which must not come from (and shift) the global stream
-                                         generator=torch.Generator().manual_seed(S.seed))
-
-    for line in (getattr(task, "describe", lambda: [])() or []):
-        log.info(line)
-    if resumed_from is not None:
-        log.info(f"resuming {run_dir} from step {resumed_from} ({last_ckpt.name})")
-        planned = (state.get("scheduler") or {}).get("steps")
-        if planned is not None and planned != S.steps and resumed_from < S.steps:
-            log.info(f"note: the run was planned for {planned} steps, now {S.steps}: warm-up and decay are laid "
-                     f"over {S.steps} steps, so the lr from step {resumed_from} on is not the original plan's")
-    else:
-        log.info(f"new run in {run_dir}: {preset.name}, {mode}, {S.steps} steps of {S.batch_size} images "
-                 f"on {dev.type} ({acc.num_processes} process{'es' if acc.num_processes > 1 else ''}, "
-                 f"{'bf16 autocast' if cpu_bf16 else 'fp32' if mp == 'no' else mp})")
-
-    def save(step: int) -> Path:
-        nonlocal last_ckpt, best
-        rngs = _gather_objects(acc, _rng_state(dev))
-        extra = task.extra_state() if hasattr(task, "extra_state") else None
-        # "best" = the lowest `best_metric` of the log window that ends at a checkpoint
-        value = last_metrics.get(best_metric) if last_metrics.get("step") == step else None
-        is_best = isinstance(value, float) and math.isfinite(value) and (best is None or value < best["value"])
-        if is_best:
-            best = {"metric": best_metric, "value": value, "step": step}
-        if main:
-            state = {"version": STATE_VERSION, "mode": mode, "step": step,
-                     "data_position": step * S.batch_size, "optimizer": opt.state_dict(),
-                     "scheduler": {"name": S.schedule, "step": step, "steps": S.steps}, "rng": rngs, "task": extra,
-                     "best": best}
-            prov = {"source": "fvar training", "mode": mode, "step": step, **dict(provenance or {})}
-            root = run_dir / CHECKPOINTS
-            final = save_checkpoint(root / _step_name(step), kind=task.kind, preset=preset,
-                                    state_dict=task.state_dict(), provenance=prov, training_state=state)
-            atomic_write_bytes(root / LATEST, (final.name + "\n").encode())
-            if is_best:
-                atomic_write_bytes(root / BEST, (final.name + "\n").encode())
-            keep = _step_name(best["step"]) if best else None
-            for _, old in complete_checkpoints(run_dir)[:-S.keep_last]:
-                if old != final and old.name != keep:
-                    shutil.rmtree(old, ignore_errors=True)
-            last_ckpt = final
-        acc.wait_for_everyone()
-        return run_dir / CHECKPOINTS / _step_name(step)
-
-    # 5. The loop.
-    params = [p for g in opt.param_groups for p in g["params"]]
-    window: Dict[str, torch.Tensor] = {}
-    n_window, t_window, t0 = 0, time.perf_counter(), time.perf_counter()
-    last_metrics: Dict[str, Any] = {}
-    progress = _Progress(log, S.steps, start) if log.interactive else None
-    it = iter(loader)
-    model.train()
+    lock = _lock_run_dir(acc, run_dir)
     try:
-        for step in range(start, S.steps):
-            lr, wd = S.lr_at(step), S.wd_at(step)
-            for g in opt.param_groups:
-                g["lr"] = lr * g["lr_mult"]
-                g["weight_decay"] = wd * g["wd_mult"]
-            metrics_step: Dict[str, torch.Tensor] = {}
-            for micro in range(S.grad_accum):
-                batch = _to_device(next(it), dev)
-                sync = micro == S.grad_accum - 1
-                with (nullcontext() if sync else acc.no_sync(model)), autocast():
-                    loss, metrics = task.step(batch, step)
-                bad = torch.tensor(0.0 if bool(torch.isfinite(loss.detach())) else 1.0, device=dev)
-                if acc.reduce(bad, reduction="sum").item() > 0:
-                    where = f"; the last good checkpoint, {last_ckpt}, is untouched" if last_ckpt else \
-                        "; no checkpoint was written"
-                    raise UserError(f"loss is {loss.detach().float().item()} at step {step + 1}: stopped before "
-                                    f"the update{where}. Lower the lr (--set …lr=) or check the data")
-                acc.backward(loss / S.grad_accum)
-                for k, v in {"loss": loss, **metrics}.items():
-                    v = v.detach().float() if isinstance(v, torch.Tensor) else torch.tensor(float(v))
-                    metrics_step[k] = metrics_step.get(k, 0) + v / S.grad_accum
-            if S.grad_clip > 0:
-                gn = acc.clip_grad_norm_(params, S.grad_clip)
-                metrics_step["grad_norm"] = gn.detach().float() if isinstance(gn, torch.Tensor) else torch.tensor(gn)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            extra = getattr(task, "after_step", None)
-            if extra is not None:
-                for k, v in (extra(step + 1) or {}).items():
-                    metrics_step[k] = torch.as_tensor(float(v))
-            for k, v in metrics_step.items():
-                window[k] = window.get(k, 0) + v
-            n_window += 1
-            done = step + 1
+        chosen, skipped = usable_checkpoint(run_dir)
+        if skipped and chosen is None:
+            raise UserError(f"{run_dir}: no usable checkpoint ({skipped[0][0].name}: {skipped[0][1]}); the files are "
+                            f"kept: move {run_dir / CHECKPOINTS} away to start over")
+        data_note = _check_data_identity(chosen[1] if chosen else None, data_identity, allow_data_change)
+        acc.wait_for_everyone()  # every rank has read the directory before the main process writes to it
+        if main:
+            # set aside, not deleted: saving that step again would otherwise replace the evidence
+            asides = [_set_aside(d) for d, _ in skipped]
+            atomic_write_bytes(run_dir / CONFIG_YAML, preset_to_yaml(preset).encode())
+            for leftover in (run_dir / CHECKPOINTS).glob(".step-*") if (run_dir / CHECKPOINTS).is_dir() else []:
+                shutil.rmtree(leftover, ignore_errors=True)  # temporaries of an interrupted save
+            if prepare is not None:
+                prepare(run_dir)
+        acc.wait_for_everyone()
+        log = RunLog(run_dir, console, enabled=main)
+        for (d, reason), aside in zip(skipped, asides if main else [d for d, _ in skipped]):
+            log.info(f"skipped checkpoint {d.name}: {reason}; kept as {aside.name}, resuming from "
+                     f"{chosen[1].name}")
+        if data_note:
+            log.info(data_note)
 
-            if done % S.log_every == 0 or done == S.steps:
-                dt = time.perf_counter() - t_window
-                line = {"step": done}
-                line.update({k: _scalar(v / n_window) for k, v in window.items()})
-                line["lr"] = lr
-                line["img_per_s"] = n_window * S.batch_size / max(dt, 1e-9)
-                if hasattr(task, "log_metrics"):
-                    line.update({k: _scalar(v) for k, v in (task.log_metrics(done) or {}).items()})
-                line["elapsed_s"] = time.perf_counter() - t0
-                last_metrics = line
-                if main:
-                    with open(run_dir / METRICS, "a", encoding="utf-8") as f:
-                        f.write(json.dumps(line) + "\n")
-                    eta = (S.steps - done) * dt / n_window
-                    if progress is None:
-                        log.info(f"step {done}/{S.steps} loss {line['loss']:.4f} lr {lr:.3g} "
-                                 f"{line['img_per_s']:.1f} img/s eta {_fmt_eta(eta)}"
-                                 + "".join(f" {k} {v:.4g}" for k, v in line.items()
-                                           if k not in ("step", "loss", "lr", "img_per_s", "elapsed_s")
-                                           and isinstance(v, float)))
-                window, n_window, t_window = {}, 0, time.perf_counter()
+        # 2. Model, optimiser; the RNG seeded first so a fresh run's initialisation is reproducible.
+        seed_everything(S.seed)
+        model = task.build()
+        groups = []
+        for g in task.param_groups(model):
+            params = [p for p in g["params"] if p.requires_grad]
+            if params:
+                groups.append({"params": params, "wd_mult": 1.0 if g.get("weight_decay", True) else 0.0,
+                               "lr_mult": float(g.get("lr_mult", 1.0)), "lr": S.peak_lr, "weight_decay": 0.0})
+        if not groups:
+            raise UserError("nothing to train: every parameter of the model is frozen")
+        model = model.to(dev)
+        opt = torch.optim.AdamW(groups, lr=S.peak_lr, betas=S.betas, weight_decay=0.0,
+                                **({"fused": True} if dev.type == "cuda" else {}))
+
+        # 3. Resume.
+        start, resumed_from, last_ckpt, position = 0, None, None, 0
+        best_metric = getattr(task, "best_metric", None)
+        best: Optional[Dict[str, Any]] = None  # {"metric", "value", "step"} of the best checkpoint so far
+        if chosen is not None:
+            step0, path = chosen
+            ck = load_checkpoint(path, expect_kind=task.kind)
+            state = load_training_state(path)
+            if state is None or state.get("mode") != mode:
+                raise UserError(f"{path} is a checkpoint of a '{state.get('mode') if state else '?'}' run, "
+                                f"not '{mode}'; choose another --out")
+            task.load_state_dict(ck.state_dict)
+            if hasattr(task, "load_extra_state") and state.get("task") is not None:
+                task.load_extra_state(state["task"])  # first: its messages name what differs
+            try:
+                opt.load_state_dict(state["optimizer"])
+            except ValueError as e:  # another set of trainable parameters than the run had
+                raise UserError(f"{path}: the run's optimiser state does not fit this model ({e}); resume with the "
+                                f"same options, or choose another --out") from None
+            rngs = state["rng"]
+            _set_rng_state(rngs[acc.process_index] if acc.process_index < len(rngs) else rngs[0], dev)
+            if acc.process_index >= len(rngs):
+                torch.manual_seed(S.seed + 7919 * acc.process_index)  # a new rank: a new, seeded stream
+            start, position = int(state["step"]), int(state["data_position"])
+            best = state.get("best")
+            resumed_from, last_ckpt = start, path
+        elif acc.num_processes > 1:
+            torch.manual_seed(S.seed + 7919 * acc.process_index)
+
+        if main:
+            _truncate_metrics(run_dir / METRICS, start)
+        model, opt = acc.prepare(model, opt)
+        task.attach(model)
+
+        # 4. Data.
+        stream = BatchStream(len(data), S.batch_size, S.seed, position, S.grad_accum, acc.num_processes,
+                             acc.process_index)
+        workers = int(num_workers if num_workers is not None else getattr(preset.data, "num_workers", 0))
+        loader = torch.utils.data.DataLoader(EpochItems(data, S.seed), batch_sampler=stream, num_workers=workers,
+                                             pin_memory=dev.type == "cuda", prefetch_factor=2 if workers else None,
+                                             # its own generator: creating the iterator draws a worker base
+                                             # seed, which must not come from (and shift) the global stream
+                                             generator=torch.Generator().manual_seed(S.seed))
+
+        for line in (getattr(task, "describe", lambda: [])() or []):
+            log.info(line)
+        if resumed_from is not None:
+            log.info(f"resuming {run_dir} from step {resumed_from} ({last_ckpt.name})")
+            planned = (state.get("scheduler") or {}).get("steps")
+            if planned is not None and planned != S.steps and resumed_from < S.steps:
+                log.info(f"note: the run was planned for {planned} steps, now {S.steps}: warm-up and decay are laid "
+                         f"over {S.steps} steps, so the lr from step {resumed_from} on is not the original plan's")
+        else:
+            log.info(f"new run in {run_dir}: {preset.name}, {mode}, {S.steps} steps of {S.batch_size} images "
+                     f"on {dev.type} ({acc.num_processes} process{'es' if acc.num_processes > 1 else ''}, "
+                     f"{'bf16 autocast' if cpu_bf16 else 'fp32' if mp == 'no' else mp})")
+
+        def save(step: int) -> Path:
+            nonlocal last_ckpt, best
+            rngs = _gather_objects(acc, _rng_state(dev))
+            extra = task.extra_state() if hasattr(task, "extra_state") else None
+            # "best" = the lowest `best_metric` of the log window that ends at a checkpoint
+            value = last_metrics.get(best_metric) if last_metrics.get("step") == step else None
+            is_best = isinstance(value, float) and math.isfinite(value) and (best is None or value < best["value"])
+            if is_best:
+                best = {"metric": best_metric, "value": value, "step": step}
+            if main:
+                state = {"version": STATE_VERSION, "mode": mode, "step": step,
+                         "data_position": step * S.batch_size, "optimizer": opt.state_dict(),
+                         "scheduler": {"name": S.schedule, "step": step, "steps": S.steps}, "rng": rngs, "task": extra,
+                         "best": best}
+                prov = {"source": "fvar training", "mode": mode, "step": step, **dict(provenance or {}),
+                        **({"data_identity": dict(data_identity)} if data_identity else {})}
+                root = run_dir / CHECKPOINTS
+                final = save_checkpoint(root / _step_name(step), kind=task.kind, preset=preset,
+                                        state_dict=task.state_dict(), provenance=prov, training_state=state)
+                atomic_write_bytes(root / LATEST, (final.name + "\n").encode())
+                if is_best:
+                    atomic_write_bytes(root / BEST, (final.name + "\n").encode())
+                keep = _step_name(best["step"]) if best else None
+                for _, old in complete_checkpoints(run_dir)[:-S.keep_last]:
+                    if old != final and old.name != keep:
+                        shutil.rmtree(old, ignore_errors=True)
+                last_ckpt = final
+            acc.wait_for_everyone()
+            return run_dir / CHECKPOINTS / _step_name(step)
+
+        # 5. The loop.
+        params = [p for g in opt.param_groups for p in g["params"]]
+        window: Dict[str, torch.Tensor] = {}
+        n_window, t_window, t0 = 0, time.perf_counter(), time.perf_counter()
+        last_metrics: Dict[str, Any] = {}
+        progress = _Progress(log, S.steps, start) if log.interactive else None
+        it = iter(loader)
+        model.train()
+        step = start
+        try:
+            for step in range(start, S.steps):
+                lr, wd = S.lr_at(step), S.wd_at(step)
+                for g in opt.param_groups:
+                    g["lr"] = lr * g["lr_mult"]
+                    g["weight_decay"] = wd * g["wd_mult"]
+                metrics_step: Dict[str, torch.Tensor] = {}
+                for micro in range(S.grad_accum):
+                    batch = _to_device(next(it), dev)
+                    sync = micro == S.grad_accum - 1
+                    with (nullcontext() if sync else acc.no_sync(model)), autocast():
+                        loss, metrics = task.step(batch, step)
+                    bad = torch.tensor(0.0 if bool(torch.isfinite(loss.detach())) else 1.0, device=dev)
+                    if acc.reduce(bad, reduction="sum").item() > 0:
+                        where = f"; the last good checkpoint, {last_ckpt}, is untouched" if last_ckpt else \
+                            "; no checkpoint was written"
+                        raise UserError(f"loss is {loss.detach().float().item()} at step {step + 1}: stopped before "
+                                        f"the update{where}. Lower the lr (--set …lr=) or check the data")
+                    acc.backward(loss / S.grad_accum)
+                    for k, v in {"loss": loss, **metrics}.items():
+                        v = v.detach().float() if isinstance(v, torch.Tensor) else torch.tensor(float(v))
+                        metrics_step[k] = metrics_step.get(k, 0) + v / S.grad_accum
+                if S.grad_clip > 0:
+                    gn = acc.clip_grad_norm_(params, S.grad_clip)
+                    metrics_step["grad_norm"] = gn.detach().float() if isinstance(gn, torch.Tensor) else torch.tensor(gn)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                extra = getattr(task, "after_step", None)
+                if extra is not None:
+                    for k, v in (extra(step + 1) or {}).items():
+                        metrics_step[k] = torch.as_tensor(float(v))
+                for k, v in metrics_step.items():
+                    window[k] = window.get(k, 0) + v
+                n_window += 1
+                done = step + 1
+
+                if done % S.log_every == 0 or done == S.steps:
+                    dt = time.perf_counter() - t_window
+                    line = {"step": done}
+                    line.update({k: _scalar(v / n_window) for k, v in window.items()})
+                    line["lr"] = lr
+                    line["img_per_s"] = n_window * S.batch_size / max(dt, 1e-9)
+                    if hasattr(task, "log_metrics"):
+                        line.update({k: _scalar(v) for k, v in (task.log_metrics(done) or {}).items()})
+                    line["elapsed_s"] = time.perf_counter() - t0
+                    last_metrics = line
+                    if main:
+                        with open(run_dir / METRICS, "a", encoding="utf-8") as f:
+                            f.write(json.dumps(line) + "\n")
+                        eta = (S.steps - done) * dt / n_window
+                        if progress is None:
+                            log.info(f"step {done}/{S.steps} loss {line['loss']:.4f} lr {lr:.3g} "
+                                     f"{line['img_per_s']:.1f} img/s eta {_fmt_eta(eta)}"
+                                     + "".join(f" {k} {v:.4g}" for k, v in line.items()
+                                               if k not in ("step", "loss", "lr", "img_per_s", "elapsed_s")
+                                               and isinstance(v, float)))
+                    window, n_window, t_window = {}, 0, time.perf_counter()
+                if progress is not None:
+                    progress.update(done, last_metrics)
+                if S.sample_every and done % S.sample_every == 0 and main and hasattr(task, "on_sample"):
+                    model.eval()
+                    task.on_sample(run_dir, done)
+                    model.train()
+                if checkpoints and (done % S.ckpt_every == 0 or done == S.steps):
+                    save(done)
+        except KeyboardInterrupt as e:
+            newest = f"its newest checkpoint is {last_ckpt.name}" if last_ckpt else "no checkpoint was written yet"
+            mark_interrupt(e, f"at step {step} of {S.steps} in {run_dir} ({newest})")
+            raise
+        finally:
             if progress is not None:
-                progress.update(done, last_metrics)
-            if S.sample_every and done % S.sample_every == 0 and main and hasattr(task, "on_sample"):
-                model.eval()
-                task.on_sample(run_dir, done)
-                model.train()
-            if checkpoints and (done % S.ckpt_every == 0 or done == S.steps):
-                save(done)
-    finally:
-        if progress is not None:
-            progress.stop()
-        del it
-    if acc.num_processes > 1:
-        # DDP keeps replicas equal by construction; check it, since a divergence (a rank-local
-        # update, a non-deterministic op) would silently train N different models.
-        from .shards import weights_sha256
+                progress.stop()
+            del it
+        if acc.num_processes > 1:
+            # DDP keeps replicas equal by construction; check it, since a divergence (a rank-local
+            # update, a non-deterministic op) would silently train N different models.
+            from .shards import weights_sha256
 
-        digests = _gather_objects(acc, weights_sha256(task.state_dict()))
-        if len(set(digests)) > 1:
-            raise UserError(f"the {acc.num_processes} processes ended with different weights ({digests}): "
-                            f"a bug or a non-deterministic operation; report it")
-        log.info(f"all {acc.num_processes} processes hold identical weights (sha256 {digests[0][:16]})")
-    if resumed_from is not None and resumed_from >= S.steps:
-        log.info(f"{run_dir} already has {resumed_from} of {S.steps} steps; nothing to do")
-    else:
-        log.info(f"done: {S.steps} steps, checkpoint {last_ckpt}")
-    return FitResult(run_dir=run_dir, step=max(start, S.steps), resumed_from=resumed_from, checkpoint=last_ckpt,
-                     metrics=last_metrics, main_process=main)
+            digests = _gather_objects(acc, weights_sha256(task.state_dict()))
+            if len(set(digests)) > 1:
+                raise UserError(f"the {acc.num_processes} processes ended with different weights ({digests}): "
+                                f"a bug or a non-deterministic operation; report it")
+            log.info(f"all {acc.num_processes} processes hold identical weights (sha256 {digests[0][:16]})")
+        if resumed_from is not None and resumed_from >= S.steps:
+            log.info(f"{run_dir} already has {resumed_from} of {S.steps} steps; nothing to do")
+        else:
+            log.info(f"done: {S.steps} steps, checkpoint {last_ckpt}")
+        return FitResult(run_dir=run_dir, step=max(start, S.steps), resumed_from=resumed_from, checkpoint=last_ckpt,
+                         metrics=last_metrics, main_process=main)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _gather_objects(acc: Any, obj: Any) -> List[Any]:

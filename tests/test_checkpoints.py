@@ -124,7 +124,7 @@ def test_a_failed_save_leaves_the_old_checkpoint_intact_and_no_temp_dirs(tmp_pat
     monkeypatch.setattr(ck, "save_file", half_write)
     new = {k: torch.zeros_like(v) for k, v in sd.items()}
     if failure == "enospc":
-        with pytest.raises(UserError, match="no space left on device.*nothing was overwritten"):
+        with pytest.raises(UserError, match="no space left on device; nothing was overwritten"):
             save_checkpoint(target, kind="tokenizer", preset=preset, state_dict=new, provenance={"step": 2})
     else:
         with pytest.raises(RuntimeError, match="bug in the writer"):
@@ -147,7 +147,7 @@ def test_a_failed_final_rename_puts_the_old_checkpoint_back(tmp_path, tiny, monk
         return real_replace(src, dst)
 
     monkeypatch.setattr(ck.os, "replace", replace)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match=r"cannot write checkpoint .*: I/O error; nothing was overwritten"):
         save_checkpoint(target, kind="tokenizer", preset=preset, state_dict={k: v * 0 for k, v in sd.items()})
     monkeypatch.undo()
     _assert_same(sd, load_checkpoint(target).state_dict)

@@ -9,7 +9,7 @@ from typing import Iterator, List, Optional
 
 import typer
 
-from fvar_core.features import ENV_WEIGHTS
+from fvar_core.envvars import FEATURE_WEIGHTS as ENV_WEIGHTS
 
 app = typer.Typer(help="Evaluate samples or a checkpoint (FID, IS, KID, precision/recall); reference statistics.",
                   invoke_without_command=True)

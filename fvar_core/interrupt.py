@@ -1,0 +1,40 @@
+"""What a command interrupted by Ctrl-C says: where it stopped, so the CLI can print that and the
+command that resumes it (every long command resumes when rerun: training from its newest
+checkpoint, tokenize from its last complete shard, sample/eval from the images already written).
+
+    with on_interrupt(lambda: f"at step {step} of {total} in {run_dir}"):
+        ...long work...
+
+The innermost active description is attached to the KeyboardInterrupt as it passes
+(`where(exc)`), so it survives the unwinding that ends the `with` blocks.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional
+
+_ATTR = "fvar_where"
+
+
+def mark_interrupt(exc: BaseException, text: str) -> None:
+    """Attach `text` to an interrupt unless an inner block already described it."""
+    if getattr(exc, _ATTR, None) is None:
+        setattr(exc, _ATTR, text)
+
+
+@contextmanager
+def on_interrupt(describe: Callable[[], str]) -> Iterator[None]:
+    """While active, a KeyboardInterrupt carries `describe()` (evaluated when it happens)."""
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        try:
+            mark_interrupt(e, describe())
+        except Exception:  # a description must never replace the interrupt with another error
+            pass
+        raise
+
+
+def where(exc: BaseException) -> Optional[str]:
+    """The description attached to an interrupt, or None."""
+    return getattr(exc, _ATTR, None)
