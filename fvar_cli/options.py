@@ -1,6 +1,7 @@
 """Options shared by every command that takes a preset (one definition, many commands)."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import List, Optional
 
 import typer
@@ -10,6 +11,9 @@ from fvar_core.presets import load_preset
 
 PresetOption = typer.Option(
     "d16-256", "--preset", "-p", help="Preset name (see `fvar presets list`) or a YAML file.")
+AllowDataChangeOption = typer.Option(
+    False, "--allow-data-change",
+    help="Resume a run on other data than it was trained on (refused without; the change is logged).")
 SetOption = typer.Option(
     None, "--set", "-s", metavar="KEY.PATH=VALUE",
     help="Override one preset field, e.g. --set train.lr=2e-4 (repeatable).")
@@ -18,3 +22,19 @@ SetOption = typer.Option(
 def resolve(preset: str, overrides: Optional[List[str]], *extra: str) -> Preset:
     """The validated preset with `--set` overrides, then command-flag overrides, applied."""
     return load_preset(preset, [*(overrides or []), *extra])
+
+
+def _writable(folder: bool):
+    def check(ctx: typer.Context, param: typer.CallbackParam, value: Optional[Path]) -> Optional[Path]:
+        if value is not None and not ctx.resilient_parsing:
+            from fvar_core.atomic import check_writable
+
+            check_writable(value, param.opts[0], folder=folder)
+        return value
+    return check
+
+
+# Option callbacks for output paths: a path that cannot be written is refused while the command line
+# is parsed — one line, exit 2 — before any work (and before anything is created).
+writable_file = _writable(folder=False)
+writable_folder = _writable(folder=True)

@@ -262,8 +262,8 @@ _VERIFIED: dict[tuple, None] = {}  # (file, size, mtime_ns, sha256) already chec
 
 
 def verify_checkpoint(path: PathLike) -> Optional[str]:
-    """None if the checkpoint's config.json reads and every file it records has its recorded size
-    and sha256; else the reason, in a few words. A checkpoint written before checksums were
+    """None if the checkpoint's config.json reads, its weights are there, and every file it records
+    that is present has its recorded size and sha256; else the reason, in a few words. A checkpoint written before checksums were
     recorded passes when its weights file is present and its safetensors header reads."""
     try:
         d, data = read_checkpoint_config(path)
@@ -285,7 +285,9 @@ def verify_checkpoint(path: PathLike) -> Optional[str]:
     for name, rec in sorted(files.items()):
         f = d / name
         if not f.is_file():
-            return f"{name} missing"
+            if name == WEIGHTS_NAME:
+                return f"{name} missing"
+            continue  # a weights-only copy (a run's tokenizer/): the training state is optional
         st = f.stat()
         if st.st_size != rec.get("bytes"):
             return (f"{name} is unreadable or corrupt ({st.st_size} bytes, {rec.get('bytes')} were written: "
@@ -579,17 +581,35 @@ def _describe(kind: str, preset: Preset) -> str:
             f"({preset.seq_len} tokens, {preset.resolution}px)")
 
 
+def _check_replace(out: Path, kind: str, overwrite: bool) -> None:
+    """An existing checkpoint at `out` is replaced only by one of its kind, and only when asked."""
+    if not (out.is_dir() and (out / CONFIG_NAME).is_file()):
+        return
+    try:
+        old = read_checkpoint_config(out)[1]["kind"]
+    except UserError:
+        old = None
+    if old is not None and old != kind:
+        raise UserError(f"--out {out} holds {_article(old)} {old} checkpoint; refusing to replace it with "
+                        f"{_article(kind)} {kind} (choose another --out)")
+    if not overwrite:
+        raise UserError(f"--out {out} already holds {_article(kind)} {kind} checkpoint: pass --overwrite to replace it")
+
+
 def import_official(src: PathLike, out: PathLike, preset_name: Optional[str] = None,
-                    overrides: Iterable[str] = ()) -> ConversionReport:
+                    overrides: Iterable[str] = (), overwrite: bool = False) -> ConversionReport:
     """Official VAR `.pth` (VQ-VAE or transformer) → fvar checkpoint directory.
 
     The architecture is read off the state dict and set on the preset (default: var-d16-256 for a
     VQ-VAE, the var-d{depth} preset of matching length for a transformer); the user's overrides
-    apply after it. The weights go through the model's strict official loader before saving.
+    apply after it. The weights go through the model's strict official loader before saving. An
+    existing checkpoint at `out` is replaced only if it is of the same kind and `overwrite`.
     """
-    src = Path(src)
+    src, out = Path(src), Path(out)
+    check_checkpoint_target(out)
     sd = read_official_pth(src)
     kind = detect_official_kind(sd)
+    _check_replace(out, kind, overwrite)
     if kind == "tokenizer":
         from .tokenizer import Tokenizer, load_official_state_dict
 
@@ -638,11 +658,14 @@ def official_state_dict_of(ckpt: Checkpoint) -> StateDict:
                     f"official VAR format")
 
 
-def export_official(ckpt_path: PathLike, out: PathLike) -> ConversionReport:
-    """fvar tokenizer / var checkpoint → official VAR `.pth` (torch.save of the official state dict)."""
+def export_official(ckpt_path: PathLike, out: PathLike, overwrite: bool = False) -> ConversionReport:
+    """fvar tokenizer / var checkpoint → official VAR `.pth` (torch.save of the official state dict);
+    an existing file at `out` is replaced only with `overwrite`."""
+    out = check_writable(out, "--out")
+    if out.exists() and not overwrite:
+        raise UserError(f"--out {out} exists: pass --overwrite to replace it")
     ckpt = load_checkpoint(ckpt_path)
     sd = official_state_dict_of(ckpt)
-    out = Path(out)
     atomic_torch_save(sd, out)
     return ConversionReport(kind=ckpt.kind, architecture=_describe(ckpt.kind, ckpt.preset), num_tensors=len(sd),
                             out=out, preset=ckpt.preset.name)

@@ -28,7 +28,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 import torch
@@ -42,6 +42,7 @@ from .images import UNREADABLE, bomb_guard, open_rgb, unreadable_reason
 # Pillow-readable still-image formats (lower case; matching is case-insensitive: ImageNet's .JPEG).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
 
+SKIPPED_FILES = "skipped-files.txt"  # in a run / shard folder: every file left out, with its reason
 CLASS_INDEX_FORMAT = "fvar-class-index"
 CLASS_INDEX_VERSION = 1
 
@@ -60,7 +61,8 @@ class FolderIndex:
     """The images of a folder: files[i] has label labels[i], a class index into `classes`.
 
     Files are sorted by class, then by path relative to their class folder (a stable order on
-    every machine). `ignored` counts files seen without an image extension.
+    every machine). `ignored` counts files seen without an image extension; `skipped` names the
+    symbolic links the scan did not follow (loops, links out of the folder; see `images_under`).
     """
 
     root: Path
@@ -68,6 +70,7 @@ class FolderIndex:
     files: Tuple[Path, ...]
     labels: Tuple[int, ...]
     ignored: int = 0
+    skipped: Tuple[Tuple[Path, str], ...] = ()  # symbolic links not followed, with the reason
 
     def __len__(self) -> int:
         return len(self.files)
@@ -75,7 +78,7 @@ class FolderIndex:
     def subset(self, keep: Sequence[int]) -> "FolderIndex":
         """The same classes, only the items at `keep` (in that order)."""
         return FolderIndex(self.root, self.classes, tuple(self.files[i] for i in keep),
-                           tuple(self.labels[i] for i in keep), self.ignored)
+                           tuple(self.labels[i] for i in keep), self.ignored, self.skipped)
 
     def first_per_class(self, n: int) -> "FolderIndex":
         """The first n items of each class (in index order): a class-balanced subset."""
@@ -103,21 +106,78 @@ class FolderIndex:
         return h.hexdigest()
 
 
-def images_under(folder: Path) -> Tuple[List[Path], int]:
-    """Image files below `folder` (recursive, hidden entries skipped, symlinks followed), sorted
-    by relative path; and the number of other files."""
-    found, other = [], 0
+FOLLOW_LINKS_ENV = "FVAR_FOLLOW_LINKS"  # =1: follow symbolic links that leave the data folder
+
+
+def _key(path: Path) -> Tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def images_under(folder: Path, root: Optional[Path] = None, visited: Optional[Set[Tuple[int, int]]] = None,
+                 indexed: Sequence[Path] = ()) -> Tuple[List[Path], int, List[Tuple[Path, str]]]:
+    """Image files below `folder` (recursive, hidden entries skipped), sorted by relative path;
+    the number of other files; and (path, reason) for each symbolic link not followed.
+
+    Symbolic links are followed once: a folder already visited (device and inode in `visited`,
+    shared across the class folders of one scan) is a loop and skipped; a link that leads outside
+    `root` (default `folder`) is skipped unless $FVAR_FOLLOW_LINKS=1; a file link to a file under
+    one of the `indexed` folders (resolved paths) is skipped, since that file is counted there."""
+    folder = Path(folder)
+    real_root = Path(root if root is not None else folder).resolve()
+    follow_out = os.environ.get(FOLLOW_LINKS_ENV, "") not in ("", "0")
+    visited = set() if visited is None else visited
+    visited.add(_key(folder))
+    found, other, skipped = [], 0, []
+
+    def link_problem(p: Path) -> Optional[str]:
+        try:
+            target = p.resolve(strict=True)
+        except (OSError, RuntimeError):  # dangling, or a loop of links
+            return "a broken symbolic link"
+        if not follow_out and not _inside(target, real_root):
+            return (f"a symbolic link to {target}, outside the data folder {real_root} (not followed; "
+                    f"set {FOLLOW_LINKS_ENV}=1 to follow such links)")
+        if p.is_file() and any(_inside(target, d) for d in indexed):
+            return f"a symbolic link to {target}, which is indexed itself"
+        return None
+
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
+        keep = []
+        for d in sorted(dirnames):
+            p = Path(dirpath) / d
+            if _hidden(d):
+                continue
+            problem = link_problem(p) if p.is_symlink() else None
+            if problem is None:
+                key = _key(p)
+                if key in visited:
+                    problem = f"a folder already indexed ({p.resolve()}): a symbolic link loop or a second link to it"
+                else:
+                    visited.add(key)
+            if problem is None:
+                keep.append(d)
+            else:
+                skipped.append((p, problem))
+        dirnames[:] = keep
         for name in filenames:
             if _hidden(name):
                 continue
-            if _is_image_name(name):
-                found.append(Path(dirpath) / name)
-            else:
+            p = Path(dirpath) / name
+            if not _is_image_name(name):
                 other += 1
+                continue
+            problem = link_problem(p) if p.is_symlink() else None
+            if problem is None:
+                found.append(p)
+            else:
+                skipped.append((p, problem))
     found.sort(key=lambda p: p.relative_to(folder).as_posix())
-    return found, other
+    return found, other, skipped
 
 
 def scan_image_folder(root: Union[str, Path]) -> FolderIndex:
@@ -139,13 +199,36 @@ def scan_image_folder(root: Union[str, Path]) -> FolderIndex:
     files: List[Path] = []
     labels: List[int] = []
     ignored = 0
+    skipped: List[Tuple[Path, str]] = []
     if subdirs:
         classes = tuple(subdirs)
+        # the root and every class folder count as visited from the start: a link back to any of
+        # them is a loop, or would store one class's images under another's label
+        visited = {_key(root)}
+        real_classes = []
+        for name in classes:
+            d = root / name
+            problem = None
+            if d.is_symlink():
+                target = d.resolve()
+                if not _inside(target, root.resolve()) and os.environ.get(FOLLOW_LINKS_ENV, "") in ("", "0"):
+                    problem = (f"a symbolic link to {target}, outside the data folder (not followed; set "
+                               f"{FOLLOW_LINKS_ENV}=1 to follow such links)")
+            if problem is None and _key(d) in visited:
+                problem = f"a second link to a folder already indexed ({d.resolve()})"
+            if problem is None:
+                visited.add(_key(d))
+                real_classes.append((name, d.resolve()))
+            else:
+                skipped.append((d, problem))
         for y, name in enumerate(classes):
-            found, other = images_under(root / name)
+            if name not in dict(real_classes):
+                continue
+            found, other, links = images_under(root / name, root, visited, [r for _, r in real_classes])
             files += found
             labels += [y] * len(found)
             ignored += other
+            skipped += links
     else:
         entries = sorted(e.name for e in os.scandir(root) if e.is_file() and not _hidden(e.name))
         if not entries:
@@ -156,7 +239,7 @@ def scan_image_folder(root: Union[str, Path]) -> FolderIndex:
     if not files:
         raise UserError(f"no image files ({', '.join(IMAGE_EXTENSIONS[:3])}, ...) under {root} "
                         f"(looked in {len(classes)} class folder(s))")
-    return FolderIndex(root, classes, tuple(files), tuple(labels), ignored)
+    return FolderIndex(root, classes, tuple(files), tuple(labels), ignored, tuple(skipped))
 
 
 def write_class_index(path: Union[str, Path], classes: Sequence[str]) -> None:
@@ -214,7 +297,8 @@ def validate(index: FolderIndex, decode: bool = False, workers: int = 8,
              ) -> Tuple[FolderIndex, List[Tuple[Path, str]]]:
     """Check every file of `index` (see `check_image_file`; threads, since it is I/O bound).
 
-    Returns (the index without the unreadable files, [(path, reason)] for those), order kept.
+    Returns (the index without the unreadable files, [(path, reason)] for those and for the
+    symbolic links the scan did not follow), order kept.
     `progress(done, total)` is called as files are checked.
     """
     n = len(index)
@@ -225,22 +309,38 @@ def validate(index: FolderIndex, decode: bool = False, workers: int = 8,
             if progress is not None:
                 progress(len(reasons), n)
     good = [i for i, r in enumerate(reasons) if r is None]
-    bad = [(index.files[i], r) for i, r in enumerate(reasons) if r is not None]
+    bad = list(index.skipped) + [(index.files[i], r) for i, r in enumerate(reasons) if r is not None]
     if not good:
         raise UserError(f"none of the {n} image files under {index.root} is readable "
-                        f"(first: {bad[0][1]})")
+                        f"(first: {bad[len(index.skipped)][1]})")
     return index.subset(good), bad
 
 
-def validation_report(bad: Sequence[Tuple[Path, str]], total: int, limit: int = 5) -> str:
-    """A few lines for people: how many files were skipped, and why, for the first `limit`."""
+def validation_report(bad: Sequence[Tuple[Path, str]], total: int, limit: int = 5,
+                      listed_in: Optional[Union[str, Path]] = None) -> str:
+    """A few lines for people: how many files were skipped, and why, for the first `limit`; the
+    file holding the whole list (`write_skipped`), when there is one."""
     if not bad:
         return f"all {total} image files readable"
-    lines = [f"skipping {len(bad)} of {total} image files (unreadable):"]
-    lines += [f"  {reason}" for _, reason in bad[:limit]]
+    lines = [f"skipping {len(bad)} of {total} image files (unreadable, or links not followed):"]
+    lines += [f"  {reason}" if str(path) in reason else f"  {path}: {reason}" for path, reason in bad[:limit]]
     if len(bad) > limit:
-        lines.append(f"  … and {len(bad) - limit} more")
+        lines.append(f"  … and {len(bad) - limit} more" + (f": every one in {listed_in}" if listed_in else ""))
+    elif listed_in:
+        lines.append(f"  (listed in {listed_in})")
     return "\n".join(lines)
+
+
+def write_skipped(path: Union[str, Path], bad: Sequence[Tuple[Path, str]]) -> Optional[Path]:
+    """Every skipped file as `path<TAB>reason` lines (atomically), or nothing (and an older list
+    removed) when none was skipped. Returns the path written, or None."""
+    path = Path(path)
+    if not bad:
+        path.unlink(missing_ok=True)
+        return None
+    text = "".join(f"{p}\t{' '.join(str(r).split())}\n" for p, r in bad)
+    atomic_write_bytes(path, text.encode())
+    return path
 
 
 # ------------------------------------------------------------------------------- dataset

@@ -80,6 +80,36 @@ def metric_protocol(metrics: Sequence[str], kid_subsets: int, kid_subset_size: i
     return out
 
 
+# ----------------------------------------------------------------------------- input checks
+def check_inputs(metrics: Sequence[str], ref: str, *, samples: Optional[PathLike] = None,
+                 ckpt: Optional[PathLike] = None, tokenizer: Optional[PathLike] = None,
+                 data: Optional[PathLike] = None) -> None:
+    """Every input of an evaluation checked before the Inception weights are loaded, so a missing
+    folder, an empty one, an unknown --ref or a bad .npz is named as such (offline, loading the
+    weights would fail first and hide it). Samples or a checkpoint; or tokenizer + data."""
+    from .checkpoints import read_checkpoint_config
+    from .data import scan_image_folder
+    from .presets import validate
+    from .runs import resolve_checkpoint
+
+    if tokenizer is not None and data is not None:
+        d, cfg = read_checkpoint_config(resolve_checkpoint(tokenizer, "--tokenizer"))
+        if cfg["kind"] != "tokenizer":
+            raise UserError(f"--tokenizer {d} is a {cfg['kind']} checkpoint, expected a tokenizer")
+        scan_image_folder(data)
+        return
+    if samples is not None:
+        hw = samples_folder(samples).size
+    else:
+        d, cfg = read_checkpoint_config(resolve_checkpoint(ckpt, "--ckpt"))
+        if cfg["kind"] != "var":
+            raise UserError(f"--ckpt {d} is a {cfg['kind']} checkpoint, expected a var (transformer) checkpoint")
+        r = validate(cfg["preset"], f"checkpoint {d} preset").resolution
+        hw = (r, r)
+    if any(m in metrics for m in ("fid", "kid", "prc")):
+        check_reference(ref, hw)
+
+
 # ---------------------------------------------------------------------------- samples → report
 def evaluate_samples(samples: PathLike, ref: str, extractor: InceptionFeatures, metrics: Sequence[str] = ALL_METRICS,
                      *, files: Optional[Sequence[PathLike]] = None, batch_size: int = 64,

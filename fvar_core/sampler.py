@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 from .config import SampleConfig
 from .errors import UserError
+from .interrupt import mark_interrupt
 
 PathLike = Union[str, Path]
 # observe(si, guided logits (B, l, V) float32, sampled idx before known-token forcing (B, l))
@@ -528,6 +529,10 @@ def generate_to_folder(var_ckpt: Path, out_dir: Path, labels: Sequence[int], see
                 save_png(img, paths[i])
             done += len(part)
             update(done)
+    except KeyboardInterrupt as e:
+        mark_interrupt(e, f"after {done} of {len(paths)} images in {out_dir} (finished images are kept and skipped "
+                          f"on a rerun)")
+        raise
     finally:
         close()
     return paths
@@ -593,20 +598,25 @@ def sample_to_dir(models: Models, classes: Sequence[int], n: int, seed: int, set
     chunk = max(1, int(batch_size or settings.batch_size))
     files, entries, token_parts, shown = [], [], [], []
     t0 = time.perf_counter()
-    for lo in range(0, len(labels), chunk):
-        hi = min(len(labels), lo + chunk)
-        res = sample(models.var, models.tokenizer, labels[lo:hi], seeds[lo:hi], settings, batch_size=chunk)
-        for i, img in zip(range(lo, hi), res.images):
-            part, name = _class_label(labels[i], num_classes, names)
-            path = out_dir / f"{i:04d}-{part}.png"
-            save_png(img, path)
-            files.append(path)
-            entries.append({"file": path.name, "index": i, "class": labels[i], "class_name": name,
-                            "unconditional": labels[i] == num_classes, "seed": seeds[i]})
-        token_parts.append(res.tokens)
-        shown.extend(res.images[:max(0, GRID_MAX - len(shown))])
-        if progress is not None:
-            progress(hi, len(labels))
+    try:
+        for lo in range(0, len(labels), chunk):
+            hi = min(len(labels), lo + chunk)
+            res = sample(models.var, models.tokenizer, labels[lo:hi], seeds[lo:hi], settings, batch_size=chunk)
+            for i, img in zip(range(lo, hi), res.images):
+                part, name = _class_label(labels[i], num_classes, names)
+                path = out_dir / f"{i:04d}-{part}.png"
+                save_png(img, path)
+                files.append(path)
+                entries.append({"file": path.name, "index": i, "class": labels[i], "class_name": name,
+                                "unconditional": labels[i] == num_classes, "seed": seeds[i]})
+            token_parts.append(res.tokens)
+            shown.extend(res.images[:max(0, GRID_MAX - len(shown))])
+            if progress is not None:
+                progress(hi, len(labels))
+    except KeyboardInterrupt as e:
+        mark_interrupt(e, f"after {len(files)} of {len(labels)} images in {out_dir} (a rerun draws them again, "
+                          f"identically: every image has its own seed)")
+        raise
     seconds = time.perf_counter() - t0
 
     cols = n if (len(classes) > 1 and n <= 16) else math.ceil(math.sqrt(len(shown)))

@@ -55,6 +55,8 @@ import torch
 from .config import Preset
 from .errors import UserError
 from .atomic import atomic_write_bytes
+from .data import SKIPPED_FILES
+from .runlock import LOCK_NAME
 
 FORMAT = "fvar-token-shards"
 VERSION = 1
@@ -164,7 +166,8 @@ class ShardWriter:
                                               if shard_name(s) in shards]}
             self.resumed = True
         else:
-            if self.dir.exists() and any(p.name != CLASS_INDEX for p in self.dir.iterdir()):
+            ours = (CLASS_INDEX, LOCK_NAME, SKIPPED_FILES)
+            if self.dir.exists() and any(p.name not in ours for p in self.dir.iterdir()):
                 raise UserError(f"{self.dir} exists, is not empty and is not a token-shard folder "
                                 f"(no {MANIFEST}); choose an empty or new --out folder")
             self.manifest = {**new, "shards": []}
@@ -264,6 +267,15 @@ class TokenShards:
     @property
     def has_alias(self) -> bool:
         return bool(self.manifest["alias_vocab_size"])
+
+    def fingerprint(self) -> str:
+        """sha256 of what the shards hold: the tokenizer weights, the source files (their
+        fingerprint), the pyramid's configuration, flip, and the item counts."""
+        m = self.manifest
+        ident = {"tokenizer": (m.get("tokenizer") or {}).get("sha256"), "images": m.get("images"),
+                 "pyramid": (m.get("preset_config") or {}).get("pyramid"), "patch_nums": m.get("patch_nums"),
+                 "flip": m.get("flip"), "shards": [e.get("count") for e in m["shards"] if e.get("complete")]}
+        return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
     def __len__(self) -> int:
         return int(self._offsets[-1])

@@ -2,20 +2,25 @@
 
 The steps: load the tokenizer (a checkpoint or a run), apply `--set` pyramid overrides (never the
 architecture: `check_tokenizer_fits`), scan and check the folder, optionally keep the first N
-images of each class, then `shards.tokenize_dataset` (centre crops, resumable shards).
+images of each class, then `shards.tokenize_dataset` (centre crops, resumable shards) with the
+folder locked (`runlock`); every file left out is listed in OUT/skipped-files.txt.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
+from .atomic import check_writable, ensure_dir
 from .checkpoints import build_tokenizer, load_checkpoint
-from .data import FolderIndex, ImageFolderDataset, scan_image_folder, validate
+from .data import SKIPPED_FILES, FolderIndex, ImageFolderDataset, scan_image_folder, validate, write_skipped
 from .devices import pick_device
+from .interrupt import on_interrupt
 from .presets import override_preset
+from .runlock import RunLock
 from .runs import resolve_checkpoint
-from .shards import TokenizeStats, tokenize_dataset
+from .shards import MANIFEST, TokenizeStats, tokenize_dataset
 from .transformer_training import check_tokenizer_fits
 
 PathLike = Union[str, Path]
@@ -57,8 +62,21 @@ def tokenize_folder(tokenizer: PathLike, data: PathLike, out: PathLike, *, overr
         on_checked(good, bad, f"{len(good)} images, {len(good.classes)} classes in {data}; tokenizer {ckpt.path} "
                               f"({preset.name}, {preset.resolution}px, {preset.num_scales} scales) on {dev}")
     dataset = ImageFolderDataset.from_config(good, preset.resolution, preset.data, train=False)
-    stats = tokenize_dataset(tok, preset, dataset, out, batch_size=batch_size, shard_size=shard_size, flip=flip,
-                             device=dev, progress=progress,
-                             num_workers=preset.data.num_workers if workers is None else workers,
-                             tokenizer_path=ckpt.path.resolve())
+    out = ensure_dir(check_writable(out, "--out", folder=True), "--out")
+    with RunLock(out, "token-shard folder"), on_interrupt(lambda: _stopped_at(out)):
+        stats = tokenize_dataset(tok, preset, dataset, out, batch_size=batch_size, shard_size=shard_size, flip=flip,
+                                 device=dev, progress=progress,
+                                 num_workers=preset.data.num_workers if workers is None else workers,
+                                 tokenizer_path=ckpt.path.resolve())
+        write_skipped(out / SKIPPED_FILES, [*bad, *stats.skipped])
     return TokenizeRun(ckpt.path, preset.name, str(dev), good, bad, stats)
+
+
+def _stopped_at(out: Path) -> str:
+    """Where an interrupted tokenize stands (its manifest's complete shards are kept)."""
+    try:
+        m = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+        done = sum(1 for e in m["shards"] if e.get("complete"))
+        return f"in {out} with {done} of {m['num_shards']} shards complete (kept)"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"in {out} before the first shard was complete"

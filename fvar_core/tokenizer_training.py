@@ -366,18 +366,21 @@ def train_tokenizer(preset: Preset, data_root: Union[str, Path], run_dir: Union[
                     init_from: Optional[Union[str, Path]] = None,
                     perceptual_weights: Optional[Union[str, Path]] = None, disc: bool = False,
                     disc_weights: Optional[Union[str, Path]] = None,
-                    device: Optional[str] = None, console: Any = None, num_samples: int = 8):
+                    device: Optional[str] = None, console: Any = None, num_samples: int = 8,
+                    allow_data_change: bool = False):
     """`fvar train-tokenizer`: scan and check the image folder (unreadable files are reported and
-    skipped), then train (or resume) the tokenizer in run_dir. Returns `training.FitResult`."""
-    from .data import ImageFolderDataset, scan_image_folder, validate, validation_report, write_class_index
-    from .training import check_run_dir, fit
+    skipped, and listed in the run's skipped-files.txt), then train (or resume) the tokenizer in
+    run_dir; resuming on another folder needs allow_data_change. Returns `training.FitResult`."""
+    from .data import (ImageFolderDataset, scan_image_folder, validate, validation_report, write_class_index,
+                       write_skipped, SKIPPED_FILES)
+    from .training import check_run_dir, data_identity, fit
 
     run_dir = Path(run_dir)
     index = scan_image_folder(data_root)
     good, bad = validate(index)
     notes = [f"data: {data_root}: {len(good)} images in {len(good.classes)} classes"]
     if bad:
-        notes.append(validation_report(bad, len(index)))
+        notes.append(validation_report(bad, len(index), listed_in=run_dir / SKIPPED_FILES))
     check_run_dir(run_dir, preset)  # before the slow set-up; `fit` writes the files (main process)
 
     seed = preset.tokenizer_train.seed
@@ -391,8 +394,14 @@ def train_tokenizer(preset: Preset, data_root: Union[str, Path], run_dir: Union[
                          perceptual_weights=perceptual_weights, disc=disc, disc_weights=disc_weights, notes=notes)
     prov = {"data": str(Path(data_root).resolve()), "data_fingerprint": good.fingerprint(),
             "init_from": str(init_from) if init_from else None}
+
+    def prepare(d: Path) -> None:
+        write_class_index(d / "classes.json", good.classes)
+        write_skipped(d / SKIPPED_FILES, bad)
+
     res = fit(task, data, run_dir, preset.tokenizer_train, preset, "tokenizer", device=device, console=console,
-              provenance=prov, prepare=lambda d: write_class_index(d / "classes.json", good.classes))
+              provenance=prov, prepare=prepare, data_identity=data_identity("images", data_root, good.fingerprint()),
+              allow_data_change=allow_data_change)
     if task.disc is not None and res.main_process:
         from safetensors.torch import save
 

@@ -44,11 +44,11 @@ import torch.nn as nn
 from .atomic import atomic_write_bytes, check_writable, ensure_dir
 from .config import Preset
 from .errors import UserError
+from .data import SKIPPED_FILES
 from .interrupt import mark_interrupt
 from .runlock import LOCK_NAME, RunLock
 
 CHECKPOINTS = "checkpoints"
-SKIPPED_FILES = "skipped-files.txt"  # every data file left out, with its reason (`data.write_skipped`)
 LATEST = "latest"
 BEST = "best"
 CONFIG_YAML = "config.yaml"

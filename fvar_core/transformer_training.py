@@ -341,19 +341,22 @@ def _tokenizer_of_shards(shards: Any, override: Optional[Path]) -> Path:
 def train_transformer(preset: Preset, run_dir: Union[str, Path], *, distill: bool,
                       tokens: Optional[Union[str, Path]] = None, data: Optional[Union[str, Path]] = None,
                       tokenizer: Optional[Union[str, Path]] = None, save_teacher: bool = False,
-                      device: Optional[str] = None, console: Any = None, num_workers: Optional[int] = None):
+                      device: Optional[str] = None, console: Any = None, num_workers: Optional[int] = None,
+                      allow_data_change: bool = False):
     """`fvar train` / `fvar distill`: check every input against the preset, then train (or resume)
-    in run_dir. Exactly one of `tokens` (shards) and `data` (image folder, needs `tokenizer`)."""
+    in run_dir. Exactly one of `tokens` (shards) and `data` (image folder, needs `tokenizer`);
+    resuming on other data needs allow_data_change."""
     from .checkpoints import build_tokenizer, load_checkpoint
     from .runs import resolve_checkpoint
-    from .training import check_run_dir, fit
+    from .data import SKIPPED_FILES, write_class_index, write_skipped
+    from .training import check_run_dir, data_identity, fit
 
     if (tokens is None) == (data is None):
         raise UserError("give either --tokens SHARDS or --data DIR (with --tokenizer CKPT)")
     run_dir = Path(run_dir)
     notes: List[str] = []
+    bad: List[Tuple[Path, str]] = []
     if tokens is not None:
-        from .data import write_class_index
         from .shards import TokenShards
 
         shards = TokenShards(tokens)
@@ -364,8 +367,9 @@ def train_transformer(preset: Preset, run_dir: Union[str, Path], *, distill: boo
         notes.append(f"data: token shards {tokens}: {len(dataset)} images"
                      + (" (+ mirrors)" if dataset.hflip else "") + f", {len(classes)} classes")
         source = "tokens"
+        identity = data_identity("tokens", tokens, shards.fingerprint())
     else:
-        from .data import ImageFolderDataset, scan_image_folder, validate, validation_report, write_class_index
+        from .data import ImageFolderDataset, scan_image_folder, validate, validation_report
 
         if tokenizer is None:
             raise UserError("--data needs --tokenizer CKPT (the tokenizer to encode the images with)")
@@ -375,11 +379,12 @@ def train_transformer(preset: Preset, run_dir: Union[str, Path], *, distill: boo
         check_labels(range(len(good.classes)), preset, f"image folder {data} (classes)")
         notes.append(f"data: {data}: {len(good)} images in {len(good.classes)} classes")
         if bad:
-            notes.append(validation_report(bad, len(index)))
+            notes.append(validation_report(bad, len(index), listed_in=run_dir / SKIPPED_FILES))
         dataset = ImageFolderDataset.from_config(good, preset.resolution, preset.data, train=True,
                                                  seed=preset.train.seed)
         classes = good.classes
         source = "images"
+        identity = data_identity("images", data, good.fingerprint())
 
     tok_ck = load_checkpoint(tok_path, expect_kind="tokenizer")
     check_tokenizer_fits(preset, tok_ck.preset, f"tokenizer {tok_path}")
@@ -398,6 +403,7 @@ def train_transformer(preset: Preset, run_dir: Union[str, Path], *, distill: boo
     def prepare(d: Path) -> None:
         install_tokenizer(d, tok_ck.path)
         write_class_index(d / "classes.json", classes)
+        write_skipped(d / SKIPPED_FILES, bad)
 
     n = min(len(classes), 8)
     task = VARTask(preset, tok, distill=distill, source=source, notes=notes,
@@ -405,7 +411,8 @@ def train_transformer(preset: Preset, run_dir: Union[str, Path], *, distill: boo
     prov = {"tokenizer": {"path": f"../../{TOKENIZER_DIR}", "sha256": tok_sha},
             "data": str(Path(tokens if tokens is not None else data).resolve())}
     res = fit(task, dataset, run_dir, preset.train, preset, "distill" if distill else "train", device=device,
-              console=console, num_workers=num_workers, provenance=prov, prepare=prepare)
+              console=console, num_workers=num_workers, provenance=prov, prepare=prepare, data_identity=identity,
+              allow_data_change=allow_data_change)
     if distill and save_teacher and res.main_process:
         save_teacher_checkpoint(task, preset, run_dir, res.step)
     return res

@@ -91,12 +91,16 @@ def test_import_with_an_alias_codebook_exports_only_the_official_keys(cli, tmp_p
     _same_official(sd, torch.load(tmp_path / "out.pth", weights_only=True))
 
 
-def test_import_into_an_existing_checkpoint_replaces_it(cli, tmp_path, official_vae):
+def test_import_into_an_existing_checkpoint_needs_overwrite_and_then_replaces_it(cli, tmp_path, official_vae):
     src, _ = official_vae
     out = tmp_path / "tok"
     assert cli("convert", "import", str(src), "--out", str(out)).code == 0
-    first = json.loads((out / "config.json").read_text())["provenance"]["created"]
-    assert cli("convert", "import", str(src), "--out", str(out)).code == 0
+    before = (out / "config.json").read_bytes()
+    line = _one_line_error(cli("convert", "import", str(src), "--out", str(out)))
+    assert "already holds a tokenizer checkpoint" in line and "--overwrite" in line
+    assert (out / "config.json").read_bytes() == before
+    first = json.loads(before)["provenance"]["created"]
+    assert cli("convert", "import", str(src), "--out", str(out), "--overwrite").code == 0
     assert json.loads((out / "config.json").read_text())["provenance"]["created"] >= first
     assert sorted(os.listdir(tmp_path)) == ["tok"]
 

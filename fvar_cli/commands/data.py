@@ -6,13 +6,16 @@ from typing import Optional
 
 import typer
 
+from ..options import writable_folder
+
 app = typer.Typer(help="Write real datasets as image folders (train/ and test/, one folder per class).",
                   no_args_is_help=True)
 
 
 @app.command("fashion-mnist")
 def fashion_mnist(
-    out: Path = typer.Option(Path("data/fashion-mnist"), "--out", "-o", help="Folder to write train/, test/ into."),
+    out: Path = typer.Option(Path("data/fashion-mnist"), "--out", "-o", help="Folder to write train/, test/ into.",
+                             callback=writable_folder),
     source: Optional[Path] = typer.Option(
         None, "--source", help="Folder with the four *-ubyte.gz files (default: Debian's dataset-fashion-mnist "
                                "copy, then fvar's cache, then a download)."),

@@ -9,6 +9,8 @@ from typing import Iterator, List, Optional
 
 import typer
 
+from ..options import writable_file, writable_folder
+
 from fvar_core.envvars import FEATURE_WEIGHTS as ENV_WEIGHTS
 
 app = typer.Typer(help="Evaluate samples or a checkpoint (FID, IS, KID, precision/recall); reference statistics.",
@@ -116,7 +118,8 @@ def evaluate(
                             help="Reference: a name built with `fvar eval ref build`, an image folder, or an ADM .npz."),
     metrics: str = typer.Option("fid,isc,kid,prc", "--metrics", "-m", help="Comma-separated: fid, isc, kid, prc."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Report file (default: eval-REF.json in the samples "
-                                                                 "folder; reconstruction: none)."),
+                                                                 "folder; reconstruction: none).",
+                                            callback=writable_file),
     num_samples: Optional[int] = typer.Option(
         None, "--num-samples", "-n", min=1, help="With --ckpt: images to generate (default: 50,000; with "
                                                  "--feature-net: per-class × the model's classes)."),
@@ -129,7 +132,8 @@ def evaluate(
     more_smooth: Optional[bool] = typer.Option(None, "--more-smooth/--no-more-smooth", help="With --ckpt: VAR's "
                                                                                              "gumbel smoothing."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="With --ckpt: sample folder, resumed (default: "
-                                                                 "RUNS/eval/RUN-CHECKPOINT-nN-sSEED)."),
+                                                                 "RUNS/eval/RUN-CHECKPOINT-nN-sSEED).",
+                                       callback=writable_folder),
     sample_batch: int = typer.Option(32, "--sample-batch", min=1, help="With --ckpt: images per sampling batch."),
     tokenizer: Optional[Path] = typer.Option(
         None, "--tokenizer", "-t", help="With --data: tokenizer to measure; with --ckpt: the tokenizer to decode with."),
@@ -159,7 +163,8 @@ def evaluate(
     if ctx.invoked_subcommand is not None:
         return
     from fvar_core.errors import UserError
-    from fvar_core.evaluate import evaluate_checkpoint, evaluate_samples, parse_metrics, write_report
+    from fvar_core.evaluate import check_inputs, evaluate_checkpoint, evaluate_samples, parse_metrics, write_report
+    from fvar_core.interrupt import on_interrupt
 
     if feature_net is not None:
         if data is not None:
@@ -182,23 +187,29 @@ def evaluate(
             raise UserError("--data measures a tokenizer's reconstructions: pass --tokenizer CKPT too")
         if samples is not None or ckpt is not None:
             raise UserError("--tokenizer/--data (reconstruction) cannot be combined with --samples or --ckpt")
+        check_inputs((), ref, tokenizer=tokenizer, data=data)
         _reconstruction(tokenizer, data, feature_weights, device, max_images, json_out)
         return
+    if tokenizer is not None and ckpt is None:
+        raise UserError("--tokenizer measures reconstructions with --data DIR, or decodes --ckpt's samples; "
+                        + ("with --samples it has nothing to do" if samples is not None else
+                           "alone it does not say what to evaluate: add --data DIR (or --ckpt)"))
     if samples is not None and ckpt is not None:
         raise UserError("pass --samples or --ckpt, not both")
     chosen = parse_metrics(metrics)
+    if samples is None and ckpt is None:
+        from fvar_core.runs import newest_checkpoint
+
+        ckpt = newest_checkpoint("var")
+        typer.echo(f"using the newest var checkpoint: {ckpt}", err=True)
+    check_inputs(chosen, ref, samples=samples, ckpt=ckpt)
     ex = _extractor(feature_weights, device)
-    with _progress() as progress:
+    with _progress() as progress, on_interrupt(lambda: "during the evaluation (generated samples are kept)"):
         if samples is not None:
             report = evaluate_samples(samples, ref, ex, chosen, batch_size=batch, kid_subsets=kid_subsets,
                                       kid_subset_size=kid_subset_size, progress=progress)
             folder = samples
         else:
-            if ckpt is None:
-                from fvar_core.runs import newest_checkpoint
-
-                ckpt = newest_checkpoint("var")
-                typer.echo(f"using the newest var checkpoint: {ckpt}", err=True)
             report = evaluate_checkpoint(
                 ckpt, ref, ex, chosen, num_samples=num_samples, per_class=per_class, seed=seed,
                 settings_overrides={"cfg": cfg, "top_k": top_k, "top_p": top_p, "more_smooth": more_smooth},
@@ -234,7 +245,8 @@ def _feature_eval(feature_net: Path, ref: str, samples: Optional[Path], ckpt: Op
 @classifier_app.command("train")
 def classifier_train(
     data: Path = typer.Option(..., "--data", "-d", help="Labelled image folder (one sub-folder per class)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Checkpoint folder to write (kind classifier)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Checkpoint folder to write (kind classifier).",
+                             callback=writable_folder),
     val: Optional[Path] = typer.Option(None, "--val", help="Labelled folder with the same classes: accuracy reported "
                                                            "and stored with the weights."),
     epochs: float = typer.Option(3.0, "--epochs", min=0.01, help="Passes over --data."),
@@ -291,7 +303,8 @@ def alias(
     overrides: Optional[List[str]] = typer.Option(None, "--set", "-s", metavar="KEY.PATH=VALUE",
                                                   help="Override one preset field (repeatable)."),
     max_images: Optional[int] = typer.Option(None, "--max-images", min=1, help="At most this many images."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the report here."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the report here.",
+                                            callback=writable_file),
 ) -> None:
     """`fvar pyramid analyze` over a folder: alias leakage and passband per scale, mean over images."""
     from fvar_core.evaluate import alias_folder, write_report

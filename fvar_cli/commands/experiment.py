@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from ..options import SetOption
+from ..options import SetOption, writable_file, writable_folder
 
 app = typer.Typer(help="Measure the paper's claims: the ablation table (Table 3 at small scale) and the alias "
                        "path's audit.", no_args_is_help=True)
@@ -32,7 +32,8 @@ def _seeds(text: str) -> List[int]:
 
 @app.command()
 def ablation(
-    out: Path = typer.Option(Path("runs/ablation"), "--out", "-o", help="Experiment folder (a rerun resumes)."),
+    out: Path = typer.Option(Path("runs/ablation"), "--out", "-o", help="Experiment folder (a rerun resumes).",
+                             callback=writable_folder),
     seeds: str = typer.Option("3", "--seeds", help="Seeds per row: a count (3 = 0, 1, 2) or a list '0,1,5'."),
     rows: str = typer.Option("var,fvar-no-teacher,fvar-gaussian,fvar,fvar-shared", "--rows",
                              help="Comma-separated rows: var, fvar-no-teacher, fvar-gaussian, fvar, fvar-shared "
@@ -91,7 +92,8 @@ def alias_audit(
     run: Optional[Path] = typer.Option(None, "--run", help="A distillation run (saved with its teacher) for the "
                                                            "teacher-student CE gap."),
     tokens: Optional[Path] = typer.Option(None, "--tokens", help="Held-out token shards (with alias tokens) for --run."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the whole audit as JSON here."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the whole audit as JSON here.",
+                                            callback=writable_file),
     overrides: Optional[List[str]] = SetOption,
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
 ) -> None:

@@ -6,6 +6,8 @@ from typing import Optional
 
 import typer
 
+from ..options import writable_folder
+
 
 def inpaint(
     image: Path = typer.Option(..., "--image", "-i", help="The image to edit."),
@@ -32,7 +34,8 @@ def inpaint(
                                                help="VAR's gumbel-softmax code mixing."),
     tokenizer: Optional[Path] = typer.Option(
         None, "--tokenizer", "-t", help="Tokenizer checkpoint (default: the one stored with the checkpoint)."),
-    out: Path = typer.Option(Path("edit"), "--out", "-o", help="Folder for compare.png, result.png, edit.json."),
+    out: Path = typer.Option(Path("edit"), "--out", "-o", help="Folder for compare.png, result.png, edit.json.",
+                             callback=writable_folder),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
 ) -> None:
     """Regenerate a region of an image (inpainting) or extend it to the full canvas (outpainting),

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..options import PresetOption, SetOption, resolve
+from ..options import PresetOption, SetOption, resolve, writable_file
 
 app = typer.Typer(help="Visualize and measure the focus pyramid (D_k area, L_k focus, A_k alias).",
                   no_args_is_help=True)
@@ -41,7 +41,8 @@ def visualize(
     rho_max: Optional[float] = RhoOpt,
     noise: bool = typer.Option(False, "--noise/--no-noise", help="Add the preset's beta_k noise to L_k."),
     seed: int = typer.Option(0, help="Seed of the noise."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="PNG to write (default: pyramid-IMAGE.png)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="PNG to write (default: pyramid-IMAGE.png).",
+                                         callback=writable_file),
     overrides: Optional[List[str]] = SetOption,
 ) -> None:
     """One figure: rows D_k (area), L_k (focus), A_k (alias, amplified), one column per scale."""

@@ -6,10 +6,13 @@ from typing import Optional
 
 import typer
 
+from ..options import writable_folder
+
 
 def quickstart(
     out: Path = typer.Option(Path("fvar-quickstart"), "--out", "-o", help="Folder for every step's output "
-                                                                          "(a rerun resumes)."),
+                                                                          "(a rerun resumes).",
+                             callback=writable_folder),
     dataset: str = typer.Option("auto", "--dataset", help="fashion-mnist, drawn, or auto (Fashion-MNIST when a "
                                                           "local copy exists or --download is given)."),
     source: Optional[Path] = typer.Option(None, "--source", help="Folder with Fashion-MNIST's four *-ubyte.gz files."),

@@ -6,6 +6,8 @@ from typing import Optional
 
 import typer
 
+from ..options import writable_file, writable_folder
+
 
 def sample(
     ckpt: Optional[Path] = typer.Option(
@@ -28,9 +30,11 @@ def sample(
                                         help="Images per forward pass (default: the preset's sample.batch_size)."),
     tokenizer: Optional[Path] = typer.Option(
         None, "--tokenizer", "-t", help="Tokenizer checkpoint (default: the one stored with the checkpoint)."),
-    out: Path = typer.Option(Path("samples"), "--out", "-o", help="Folder for the PNGs, grid.png and samples.json."),
+    out: Path = typer.Option(Path("samples"), "--out", "-o", help="Folder for the PNGs, grid.png and samples.json.",
+                             callback=writable_folder),
     save_tokens: Optional[Path] = typer.Option(None, "--save-tokens",
-                                               help="Also write per-scale tokens, labels and seeds (.npz)."),
+                                               help="Also write per-scale tokens, labels and seeds (.npz).",
+                                               callback=writable_file),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
 ) -> None:
     """Sample images of the given classes; defaults come from the checkpoint's preset (`sample:`)."""

@@ -6,11 +6,14 @@ from typing import List, Optional
 
 import typer
 
+from ..options import writable_folder
+
 
 def tokenize(
     tokenizer: Path = typer.Option(..., "--tokenizer", "-t", help="Tokenizer checkpoint, or a train-tokenizer run (its newest checkpoint)."),
     data: Path = typer.Option(..., "--data", "-d", help="Image folder: one sub-folder per class."),
-    out: Path = typer.Option(..., "--out", "-o", help="Token-shard folder to write (resumed if it exists)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Token-shard folder to write (resumed if it exists).",
+                             callback=writable_folder),
     flip: bool = typer.Option(False, "--flip", help="Also store each image's horizontal mirror (2 items per image)."),
     batch: int = typer.Option(64, "--batch", "-b", min=1, help="Images per encoder batch."),
     shard_size: int = typer.Option(10000, "--shard-size", min=1, help="Source images per shard."),
@@ -37,7 +40,7 @@ def tokenize(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
         TimeRemainingColumn
 
-    from fvar_core.data import validation_report
+    from fvar_core.data import SKIPPED_FILES, validation_report
     from fvar_core.tokenize import tokenize_folder
 
     err = Console(stderr=True)
@@ -59,7 +62,7 @@ def tokenize(
         if tasks.pop("check", None) is not None:
             check_bar.stop()
         if bad:
-            typer.echo(validation_report(bad, len(good) + len(bad)), err=True)
+            typer.echo(validation_report(bad, len(good) + len(bad), listed_in=out / SKIPPED_FILES), err=True)
         typer.echo(description)
         bar.start()
         tasks["encode"] = bar.add_task("tokenizing", total=len(good), rate="")
@@ -80,7 +83,7 @@ def tokenize(
             bar.stop()
     stats = run.stats
     if stats.skipped:
-        typer.echo(validation_report(stats.skipped, len(run.index)), err=True)
+        typer.echo(validation_report(stats.skipped, len(run.index), listed_in=out / SKIPPED_FILES), err=True)
     resumed = f", {stats.shards_resumed} kept from an earlier run" if stats.shards_resumed else ""
     typer.echo(f"wrote {stats.items} items in {stats.shards_written} shard(s) to {out}{resumed}; "
                f"{stats.total_items} items in total")

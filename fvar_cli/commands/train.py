@@ -6,14 +6,15 @@ from typing import List, Optional
 
 import typer
 
-from ..options import PresetOption, SetOption, resolve
+from ..options import AllowDataChangeOption, PresetOption, SetOption, resolve, writable_folder
 
 TokensOption = typer.Option(None, "--tokens", help="Token shards from `fvar tokenize` (no VAE in the step).")
 DataOption = typer.Option(None, "--data", "-d", help="Image folder, encoded on the fly (needs --tokenizer).")
 TokenizerOption = typer.Option(
     None, "--tokenizer", "-t", help="Tokenizer checkpoint or run; with --tokens, overrides the one the shards name.")
 OutOption = typer.Option(None, "--out", "-o", help="Run directory ($FVAR_RUNS or ./runs)/<preset>-<mode>; "
-                                                   "an existing run there is resumed.")
+                                                   "an existing run there is resumed.",
+                        callback=writable_folder)
 StepsOption = typer.Option(None, "--steps", min=1, help="Total optimiser steps (preset's train.steps).")
 BatchOption = typer.Option(None, "--batch", min=1, help="Global batch size (preset's train.batch_size).")
 DeviceOption = typer.Option(None, "--device", help="cpu or cuda (CUDA when available); multi-GPU: `accelerate launch`.")
@@ -21,7 +22,7 @@ WorkersOption = typer.Option(None, "--workers", min=0, help="Data-loading proces
 
 
 def _run(mode: str, preset: str, overrides, tokens, data, tokenizer, out, steps, batch, device, workers,
-         save_teacher: bool = False) -> None:
+         allow_data_change: bool, save_teacher: bool = False) -> None:
     from fvar_core.runs import default_run_dir
     from fvar_core.transformer_training import train_transformer
 
@@ -31,7 +32,8 @@ def _run(mode: str, preset: str, overrides, tokens, data, tokenizer, out, steps,
     run_dir = out if out is not None else default_run_dir(cfg.name, mode)
     typer.echo(f"run directory: {run_dir}")
     res = train_transformer(cfg, run_dir, distill=mode == "distill", tokens=tokens, data=data, tokenizer=tokenizer,
-                            save_teacher=save_teacher, device=device, num_workers=workers)
+                            save_teacher=save_teacher, device=device, num_workers=workers,
+                            allow_data_change=allow_data_change)
     m = res.metrics
     tail = "".join(f", {k} {m[k]:.4f}" for k in ("loss", "student_ce", "teacher_ce", "acc") if k in m)
     typer.echo(f"student at step {res.step}: {res.checkpoint}{tail}")
@@ -47,10 +49,11 @@ def train(
     batch: Optional[int] = BatchOption,
     device: Optional[str] = DeviceOption,
     workers: Optional[int] = WorkersOption,
+    allow_data_change: bool = AllowDataChangeOption,
     overrides: Optional[List[str]] = SetOption,
 ) -> None:
     """Train the VAR student alone (plain VAR with pyramid.kernel=area, or FVAR 'w/o teacher'); resumes."""
-    _run("train", preset, overrides, tokens, data, tokenizer, out, steps, batch, device, workers)
+    _run("train", preset, overrides, tokens, data, tokenizer, out, steps, batch, device, workers, allow_data_change)
 
 
 def distill(
@@ -64,7 +67,9 @@ def distill(
     device: Optional[str] = DeviceOption,
     workers: Optional[int] = WorkersOption,
     save_teacher: bool = typer.Option(False, "--save-teacher", help="Also write the teacher to <run>/teacher."),
+    allow_data_change: bool = AllowDataChangeOption,
     overrides: Optional[List[str]] = SetOption,
 ) -> None:
     """Train teacher (reads alias tokens) and student online; checkpoints hold the student (vanilla VAR)."""
-    _run("distill", preset, overrides, tokens, data, tokenizer, out, steps, batch, device, workers, save_teacher)
+    _run("distill", preset, overrides, tokens, data, tokenizer, out, steps, batch, device, workers, allow_data_change,
+         save_teacher)

@@ -6,12 +6,13 @@ from typing import List, Optional
 
 import typer
 
-from ..options import PresetOption, SetOption, resolve
+from ..options import AllowDataChangeOption, PresetOption, SetOption, resolve, writable_folder
 
 
 def train_tokenizer(
     data: Path = typer.Option(..., "--data", "-d", help="Image folder: DIR/<class>/*.jpg (or a flat folder)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Run directory; an existing run there is resumed."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run directory; an existing run there is resumed.",
+                             callback=writable_folder),
     preset: str = PresetOption,
     init_from: Optional[Path] = typer.Option(
         None, "--init-from", help="Tokenizer checkpoint (e.g. a converted VAR VAE): train only the alias codebook."),
@@ -23,6 +24,7 @@ def train_tokenizer(
     disc_weights: Optional[Path] = typer.Option(
         None, "--disc-weights", help="Start the discriminator from this file (a run's discriminator.safetensors); "
                                      "implies --disc."),
+    allow_data_change: bool = AllowDataChangeOption,
     overrides: Optional[List[str]] = SetOption,
 ) -> None:
     """Train the tokenizer (reconstruction + VQ losses for both codebooks); resumes when OUT exists."""
@@ -33,7 +35,7 @@ def train_tokenizer(
     cfg = resolve(preset, overrides, *extra)
     typer.echo(f"run directory: {out}")
     res = run_training(cfg, data, out, init_from=init_from, perceptual_weights=perceptual_weights, disc=disc,
-                       disc_weights=disc_weights)
+                       disc_weights=disc_weights, allow_data_change=allow_data_change)
     m = res.metrics
     tail = f" (loss {m['loss']:.4f}, PSNR {m['psnr']:.2f} dB)" if "psnr" in m else ""
     typer.echo(f"tokenizer at step {res.step}: {res.checkpoint}{tail}")
