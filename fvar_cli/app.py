@@ -63,18 +63,28 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 _python_show_warning = warnings.showwarning
 
 
+def _say_interrupted(args: list[str]) -> None:
+    """One line: where the command stopped (when it said) and the command line that resumes it."""
+    from fvar_core.interrupt import last_interrupt
+
+    at = last_interrupt()
+    print("fvar: interrupted" + (f" {at}; to resume, rerun: {shlex.join(['fvar', *args])}" if at else ""),
+          file=sys.stderr)
+
+
 def run(app: typer.Typer, argv: Optional[list[str]] = None) -> int:
-    """Run the app. User errors, and output that cannot be written, become one line on stderr and
-    exit code 2; Ctrl-C says where the command stopped and how to resume it (exit 130)."""
+    """Run the app. Bad command lines, user errors and output that cannot be written become one
+    line on stderr and exit code 2; Ctrl-C says where the command stopped and how to resume it
+    (exit 130)."""
+    from fvar_core import interrupt
     from fvar_core.atomic import write_error
-    from fvar_core.interrupt import where
 
     args = list(sys.argv[1:] if argv is None else argv)
     warnings.showwarning = _show_warning
+    interrupt.reset()
     try:
-        app(args=args, prog_name="fvar", standalone_mode=True)
-    except SystemExit as e:
-        return int(e.code or 0) if not isinstance(e.code, str) else 1
+        # standalone_mode=False: click's usage errors reach us instead of being drawn as a box
+        code = app(args=args, prog_name="fvar", standalone_mode=False)
     except UserError as e:
         print(f"fvar: error: {e}", file=sys.stderr)
         return 2
@@ -85,14 +95,35 @@ def run(app: typer.Typer, argv: Optional[list[str]] = None) -> int:
         # a safety net: commands check their output paths first, so this is a race or a full disk
         print(f"fvar: error: cannot write {e.filename or 'the output'}: {reason}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as e:
-        at = where(e)
-        print("fvar: interrupted" + (f" {at}; to resume, rerun: {shlex.join(['fvar', *args])}" if at else ""),
-              file=sys.stderr)
+    except Exception as e:
+        # click's exceptions, by name: Typer ships its own copy of click (typer._click) in newer releases
+        names = {c.__name__ for c in type(e).__mro__}
+        if "NoArgsIsHelpError" in names:
+            e.show()
+            return e.exit_code
+        if "UsageError" in names:
+            ctx = getattr(e, "ctx", None)
+            print(f"fvar: error: {e.format_message()} (see `{ctx.command_path if ctx else 'fvar'} --help`)",
+                  file=sys.stderr)
+            return 2
+        if "ClickException" in names:
+            print(f"fvar: error: {e.format_message()}", file=sys.stderr)
+            return e.exit_code
+        if "Abort" in names:
+            _say_interrupted(args)
+            return 130
+        raise
+    except SystemExit as e:
+        return int(e.code or 0) if not isinstance(e.code, str) else 1
+    except KeyboardInterrupt:
+        _say_interrupted(args)
         return 130
     finally:
         warnings.showwarning = _python_show_warning
-    return 0
+    code = code if isinstance(code, int) and not isinstance(code, bool) else 0
+    if code == 130:  # Typer turns Ctrl-C into exit 130, the interrupt itself is gone by now
+        _say_interrupted(args)
+    return code
 
 
 def main() -> None:

@@ -6,7 +6,8 @@ checkpoint, tokenize from its last complete shard, sample/eval from the images a
         ...long work...
 
 The innermost active description is attached to the KeyboardInterrupt as it passes
-(`where(exc)`), so it survives the unwinding that ends the `with` blocks.
+(`where(exc)`) and kept as the process's `last_interrupt()` (Typer turns the interrupt into an
+exit code before the CLI sees it), so it survives the unwinding that ends the `with` blocks.
 """
 from __future__ import annotations
 
@@ -14,12 +15,23 @@ from contextlib import contextmanager
 from typing import Callable, Iterator, Optional
 
 _ATTR = "fvar_where"
+_last: list = [None]
 
 
 def mark_interrupt(exc: BaseException, text: str) -> None:
     """Attach `text` to an interrupt unless an inner block already described it."""
     if getattr(exc, _ATTR, None) is None:
         setattr(exc, _ATTR, text)
+        _last[0] = text
+
+
+def last_interrupt() -> Optional[str]:
+    """The description of this process's latest interrupt since `reset()`, or None."""
+    return _last[0]
+
+
+def reset() -> None:
+    _last[0] = None
 
 
 @contextmanager

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .atomic import atomic_write_bytes, check_writable, ensure_dir
+from .atomic import atomic_write_bytes, check_writable, ensure_dir, write_error
 from .config import Preset
 from .errors import UserError
 from .data import SKIPPED_FILES
@@ -440,6 +440,17 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
     atomic_write_bytes(path, ("\n".join(keep) + "\n" if keep else "").encode())
 
 
+def append_line(path: Path, line: str) -> None:
+    """Append one line to a log; a full disk or lost permission is a one-line UserError (the run's
+    checkpoints are untouched: they are written atomically, apart from the logs)."""
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {write_error(e) or e}; the run's checkpoints are untouched, "
+                        f"rerun to resume") from None
+
+
 class RunLog:
     """log.txt + the console (rich when it is a terminal, plain lines otherwise)."""
 
@@ -457,8 +468,7 @@ class RunLog:
     def info(self, msg: str) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
+        append_line(self.path, f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}")
         self.console.print(msg, markup=False, highlight=False, soft_wrap=True)
 
 
@@ -708,8 +718,7 @@ def fit(task: Task, data: Any, run_dir: Union[str, Path], cfg: Any, preset: Pres
                     line["elapsed_s"] = time.perf_counter() - t0
                     last_metrics = line
                     if main:
-                        with open(run_dir / METRICS, "a", encoding="utf-8") as f:
-                            f.write(json.dumps(line) + "\n")
+                        append_line(run_dir / METRICS, json.dumps(line))
                         eta = (S.steps - done) * dt / n_window
                         if progress is None:
                             log.info(f"step {done}/{S.steps} loss {line['loss']:.4f} lr {lr:.3g} "

@@ -187,3 +187,27 @@ def test_var_import_without_a_transformer_says_it_arrives_later(cli, tmp_path, m
     monkeypatch.setattr(ck, "_transformer_module", lambda: None)
     line = _one_line_error(cli("convert", "import", str(src), "--out", str(tmp_path / "v")))
     assert "VAR transformer checkpoint" in line and "transformer conversion arrives" in line
+
+
+def test_import_refuses_to_replace_a_checkpoint_of_another_kind(cli, tmp_path, official_vae):
+    vae, _ = official_vae
+    var_src, _ = _official_var(tmp_path)
+    out = tmp_path / "ck"
+    assert cli("convert", "import", str(var_src), "--out", str(out), "--preset", "tiny-64",
+               "--set", "teacher.enabled=false").code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    for extra in ((), ("--overwrite",)):  # --overwrite replaces the same kind only
+        line = _one_line_error(cli("convert", "import", str(vae), "--out", str(out), *extra))
+        assert "holds a var checkpoint" in line and "refusing to replace it with a tokenizer" in line
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_export_onto_an_existing_file_needs_overwrite(cli, tmp_path, official_vae):
+    src, sd = official_vae
+    assert cli("convert", "import", str(src), "--out", str(tmp_path / "tok")).code == 0
+    target = tmp_path / "keep.pth"
+    target.write_bytes(b"precious")
+    line = _one_line_error(cli("convert", "export", str(tmp_path / "tok"), "--out", str(target)))
+    assert "exists" in line and "--overwrite" in line and target.read_bytes() == b"precious"
+    assert cli("convert", "export", str(tmp_path / "tok"), "--out", str(target), "--overwrite").code == 0
+    _same_official(sd, torch.load(target, weights_only=True))
