@@ -263,8 +263,8 @@ _VERIFIED: dict[tuple, None] = {}  # (file, size, mtime_ns, sha256) already chec
 
 def verify_checkpoint(path: PathLike) -> Optional[str]:
     """None if the checkpoint's config.json reads, its weights are there, and every file it records
-    that is present has its recorded size and sha256; else the reason, in a few words. A checkpoint written before checksums were
-    recorded passes when its weights file is present and its safetensors header reads."""
+    that is present has its recorded size and sha256; else the reason, in a few words. A checkpoint
+    written before checksums were recorded passes when its safetensors header reads."""
     try:
         d, data = read_checkpoint_config(path)
     except UserError as e:

@@ -118,33 +118,35 @@ def _inside(path: Path, root: Path) -> bool:
     return path == root or root in path.parents
 
 
+def _link_problem(p: Path, real_root: Path, indexed: Sequence[Path] = ()) -> Optional[str]:
+    """Why the symbolic link p is not followed, or None: dangling, out of the data folder (unless
+    $FVAR_FOLLOW_LINKS=1), or a file link to a file under an `indexed` folder (counted there)."""
+    try:
+        target = p.resolve(strict=True)
+    except (OSError, RuntimeError):  # dangling, or a loop of links
+        return "a broken symbolic link"
+    if os.environ.get(FOLLOW_LINKS_ENV, "") in ("", "0") and not _inside(target, real_root):
+        return (f"a symbolic link to {target}, outside the data folder {real_root} (not followed; "
+                f"set {FOLLOW_LINKS_ENV}=1 to follow such links)")
+    if p.is_file() and any(_inside(target, d) for d in indexed):
+        return f"a symbolic link to {target}, which is indexed itself"
+    return None
+
+
 def images_under(folder: Path, root: Optional[Path] = None, visited: Optional[Set[Tuple[int, int]]] = None,
                  indexed: Sequence[Path] = ()) -> Tuple[List[Path], int, List[Tuple[Path, str]]]:
     """Image files below `folder` (recursive, hidden entries skipped), sorted by relative path;
     the number of other files; and (path, reason) for each symbolic link not followed.
 
     Symbolic links are followed once: a folder already visited (device and inode in `visited`,
-    shared across the class folders of one scan) is a loop and skipped; a link that leads outside
-    `root` (default `folder`) is skipped unless $FVAR_FOLLOW_LINKS=1; a file link to a file under
-    one of the `indexed` folders (resolved paths) is skipped, since that file is counted there."""
+    shared across the class folders of one scan) is a loop and skipped; other links are checked
+    by `_link_problem` against `root` (default `folder`) and the `indexed` folders."""
     folder = Path(folder)
     real_root = Path(root if root is not None else folder).resolve()
-    follow_out = os.environ.get(FOLLOW_LINKS_ENV, "") not in ("", "0")
     visited = set() if visited is None else visited
     visited.add(_key(folder))
     found, other, skipped = [], 0, []
-
-    def link_problem(p: Path) -> Optional[str]:
-        try:
-            target = p.resolve(strict=True)
-        except (OSError, RuntimeError):  # dangling, or a loop of links
-            return "a broken symbolic link"
-        if not follow_out and not _inside(target, real_root):
-            return (f"a symbolic link to {target}, outside the data folder {real_root} (not followed; "
-                    f"set {FOLLOW_LINKS_ENV}=1 to follow such links)")
-        if p.is_file() and any(_inside(target, d) for d in indexed):
-            return f"a symbolic link to {target}, which is indexed itself"
-        return None
+    link_problem = lambda p: _link_problem(p, real_root, indexed)  # noqa: E731
 
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         keep = []
@@ -205,26 +207,21 @@ def scan_image_folder(root: Union[str, Path]) -> FolderIndex:
         # the root and every class folder count as visited from the start: a link back to any of
         # them is a loop, or would store one class's images under another's label
         visited = {_key(root)}
-        real_classes = []
+        real: Dict[str, Path] = {}  # the class folders followed: name → resolved path
         for name in classes:
             d = root / name
-            problem = None
-            if d.is_symlink():
-                target = d.resolve()
-                if not _inside(target, root.resolve()) and os.environ.get(FOLLOW_LINKS_ENV, "") in ("", "0"):
-                    problem = (f"a symbolic link to {target}, outside the data folder (not followed; set "
-                               f"{FOLLOW_LINKS_ENV}=1 to follow such links)")
+            problem = _link_problem(d, root.resolve()) if d.is_symlink() else None
             if problem is None and _key(d) in visited:
                 problem = f"a second link to a folder already indexed ({d.resolve()})"
             if problem is None:
                 visited.add(_key(d))
-                real_classes.append((name, d.resolve()))
+                real[name] = d.resolve()
             else:
                 skipped.append((d, problem))
         for y, name in enumerate(classes):
-            if name not in dict(real_classes):
-                continue
-            found, other, links = images_under(root / name, root, visited, [r for _, r in real_classes])
+            if name not in real:
+                continue  # the class keeps its index, with no images
+            found, other, links = images_under(root / name, root, visited, list(real.values()))
             files += found
             labels += [y] * len(found)
             ignored += other

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shlex
 import socket
 import sys
 import time
@@ -82,8 +83,7 @@ class RunLock:
         if stale and stale.get("pid") != os.getpid():
             warnings.warn(f"{self.path.parent}: taking over the lock of {_describe(stale)}, which is no longer "
                           f"running", FvarWarning, stacklevel=2)
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(["fvar", *sys.argv[1:]])
-              if Path(sys.argv[0]).name == "fvar" else " ".join(sys.argv),
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "command": shlex.join(sys.argv),
               "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
         os.ftruncate(fd, 0)
         os.write(fd, (json.dumps(me) + "\n").encode())

@@ -695,7 +695,8 @@ def fit(task: Task, data: Any, run_dir: Union[str, Path], cfg: Any, preset: Pres
                         metrics_step[k] = metrics_step.get(k, 0) + v / S.grad_accum
                 if S.grad_clip > 0:
                     gn = acc.clip_grad_norm_(params, S.grad_clip)
-                    metrics_step["grad_norm"] = gn.detach().float() if isinstance(gn, torch.Tensor) else torch.tensor(gn)
+                    metrics_step["grad_norm"] = (gn.detach().float() if isinstance(gn, torch.Tensor)
+                                                 else torch.tensor(gn))
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 extra = getattr(task, "after_step", None)

@@ -430,6 +430,20 @@ def test_resuming_on_other_data_is_refused_unless_allowed_and_then_logged(cli, w
 
 
 # ---------------------------------------------------------------------------- bad command lines
+def _eval_cases(w: dict, t: Path) -> list[tuple[list[str], str]]:
+    """fvar eval's inputs, each wrong in one way: named before the Inception weights are needed."""
+    run = w["run"]
+    return [
+        (["eval", "--tokenizer", str(run)], "--data"),
+        (["eval", "--samples", str(t / "missing")], "no such folder"),
+        (["eval", "--samples", str(t / "empty")], "empty"),
+        (["eval", "--samples", str(t / "samples"), "--ref", "no-such-ref"], "no reference named"),
+        (["eval", "--samples", str(t / "samples"), "--ref", str(t / "bad.npz")], "bad.npz"),
+        (["eval", "--samples", str(t / "samples"), "--ref", str(t / "empty")], "empty"),
+        (["eval", "--tokenizer", str(run), "--data", str(t / "missing")], "no such data folder"),
+    ]
+
+
 def _bad_cases(w: dict, t: Path) -> list[tuple[list[str], str]]:
     run, data = w["run"], w["data"]
     step = str(complete_checkpoints(run)[-1][1])
@@ -460,17 +474,14 @@ def _bad_cases(w: dict, t: Path) -> list[tuple[list[str], str]]:
         (["tokenize", "--tokenizer", str(t / "missing"), "--data", str(data), "--out", str(t / "tk")], "no checkpoint"),
         (["train", "--tokens", str(t / "missing")], "manifest.json"),
         (["train", "--tokens", str(run), "--out", str(run)], "manifest.json"),
-        (["eval", "--tokenizer", str(run)], "--data"),
-        (["eval", "--samples", str(t / "missing")], "no such folder"),
-        (["eval", "--samples", str(t / "empty")], "empty"),
-        (["eval", "--samples", str(t / "samples"), "--ref", "no-such-ref"], "no reference named"),
-        (["eval", "--samples", str(t / "samples"), "--ref", str(t / "bad.npz")], "bad.npz"),
-        (["eval", "--samples", str(t / "samples"), "--ref", str(t / "empty")], "empty"),
-        (["eval", "--tokenizer", str(run), "--data", str(t / "missing")], "no such data folder"),
+        *_eval_cases(w, t),
     ]
 
 
-def test_bad_command_lines_end_in_one_line_exit_2_and_change_nothing(cli, world, tmp_path, monkeypatch):
+@pytest.fixture
+def bad_inputs(world, tmp_path, monkeypatch):
+    """A folder of things that are wrong: a file where a folder goes, a corrupt PNG, a truncated
+    .npz, an empty folder; missing Inception weights, runs and cache pointed into it."""
     t = tmp_path
     (t / "afile").write_bytes(b"keep")
     (t / "adir").mkdir()
@@ -487,6 +498,17 @@ def test_bad_command_lines_end_in_one_line_exit_2_and_change_nothing(cli, world,
     monkeypatch.setenv("FVAR_RUNS", str(t / "runs"))
     monkeypatch.setenv("FVAR_CACHE", str(t / "cache"))
     monkeypatch.chdir(t)
+    return t
+
+
+def test_eval_names_a_bad_input_before_it_needs_the_inception_weights(cli, world, bad_inputs):
+    for argv, expect in _eval_cases(world, bad_inputs):
+        line = _one_line_error(cli(*argv))
+        assert expect in line and "weights" not in line, (argv, line)
+
+
+def test_bad_command_lines_end_in_one_line_exit_2_and_change_nothing(cli, world, bad_inputs):
+    t = bad_inputs
     watched = [world["root"], t]
     for argv, expect in _bad_cases(world, t):
         before = [tree_hash(d) for d in watched]
@@ -548,3 +570,27 @@ def test_help_never_imports_torch():
             "    assert 'torch' not in sys.modules, argv\nprint('ok')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=120)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
+
+
+def test_ctrl_c_during_tokenize_names_the_shards_done_and_the_resume_command(cli, world, tmp_path, monkeypatch):
+    from fvar_core.tokenizer import Tokenizer
+
+    real, calls = Tokenizer.encode_with_pyramid, []
+
+    def interrupted_after_two(self, *a, **k):
+        calls.append(1)
+        if len(calls) > 2:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Tokenizer, "encode_with_pyramid", interrupted_after_two)
+    out = tmp_path / "tok"
+    argv = ["tokenize", "--tokenizer", str(world["run"]), "--data", str(world["data"]), "--out", str(out),
+            "--shard-size", "4", "--batch", "4"]
+    r = cli(*argv)
+    assert r.code == 130
+    assert r.err.strip().splitlines()[-1] == (f"fvar: interrupted in {out} with 2 of 4 shards complete (kept); "
+                                              f"to resume, rerun: {shlex.join(['fvar', *argv])}")
+    monkeypatch.undo()
+    r = cli(*argv)
+    assert r.code == 0 and "2 kept from an earlier run" in r.out, r.err
