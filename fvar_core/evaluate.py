@@ -28,7 +28,7 @@ import numpy as np
 
 from .errors import UserError
 from .features import InceptionFeatures, extract_batch
-from .imagesets import read_files, samples_folder
+from .imagesets import FileSet, read_files, samples_folder
 from .metrics import (KID_SUBSET_SIZE, KID_SUBSETS, PR_K, SEED, FID_EPS, IS_SPLITS, frechet_distance,
                       inception_score, kernel_inception_distance, precision_recall)
 from .refstats import check_reference, feature_pass, open_reference
@@ -83,10 +83,11 @@ def metric_protocol(metrics: Sequence[str], kid_subsets: int, kid_subset_size: i
 # ----------------------------------------------------------------------------- input checks
 def check_inputs(metrics: Sequence[str], ref: str, *, samples: Optional[PathLike] = None,
                  ckpt: Optional[PathLike] = None, tokenizer: Optional[PathLike] = None,
-                 data: Optional[PathLike] = None) -> None:
+                 data: Optional[PathLike] = None) -> Optional[FileSet]:
     """Every input of an evaluation checked before the Inception weights are loaded, so a missing
     folder, an empty one, an unknown --ref or a bad .npz is named as such (offline, loading the
-    weights would fail first and hide it). Samples or a checkpoint; or tokenizer + data."""
+    weights would fail first and hide it). Samples or a checkpoint; or tokenizer + data. Returns
+    the samples' FileSet (for `evaluate_samples`), else None."""
     from .checkpoints import read_checkpoint_config
     from .data import scan_image_folder
     from .presets import validate
@@ -97,9 +98,10 @@ def check_inputs(metrics: Sequence[str], ref: str, *, samples: Optional[PathLike
         if cfg["kind"] != "tokenizer":
             raise UserError(f"--tokenizer {d} is a {cfg['kind']} checkpoint, expected a tokenizer")
         scan_image_folder(data)
-        return
-    if samples is not None:
-        hw = samples_folder(samples).size
+        return None
+    fs = samples_folder(samples) if samples is not None else None
+    if fs is not None:
+        hw = fs.size
     else:
         d, cfg = read_checkpoint_config(resolve_checkpoint(ckpt, "--ckpt"))
         if cfg["kind"] != "var":
@@ -108,17 +110,20 @@ def check_inputs(metrics: Sequence[str], ref: str, *, samples: Optional[PathLike
         hw = (r, r)
     if any(m in metrics for m in ("fid", "kid", "prc")):
         check_reference(ref, hw)
+    return fs
 
 
 # ---------------------------------------------------------------------------- samples → report
 def evaluate_samples(samples: PathLike, ref: str, extractor: InceptionFeatures, metrics: Sequence[str] = ALL_METRICS,
-                     *, files: Optional[Sequence[PathLike]] = None, batch_size: int = 64,
+                     *, files: Optional[Sequence[PathLike]] = None, fileset: Optional[FileSet] = None,
+                     batch_size: int = 64,
                      kid_subsets: int = KID_SUBSETS, kid_subset_size: int = KID_SUBSET_SIZE,
                      generation: Optional[Dict[str, Any]] = None,
                      progress: Optional[Progress] = None) -> Dict[str, Any]:
-    """Evaluate the images of `samples` (or exactly `files`) against `ref`; returns the report."""
+    """Evaluate the images of `samples` (or exactly `files`) against `ref`; returns the report.
+    `fileset`: the samples as `check_inputs` already listed and sized them (not read again)."""
     metrics = tuple(metrics)
-    fs = samples_folder(samples, files)
+    fs = fileset if fileset is not None else samples_folder(samples, files)
     need_ref_features = "kid" in metrics or "prc" in metrics
     reference = None  # IS alone needs none
     t0 = time.perf_counter()

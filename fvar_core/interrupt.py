@@ -5,9 +5,9 @@ checkpoint, tokenize from its last complete shard, sample/eval from the images a
     with on_interrupt(lambda: f"at step {step} of {total} in {run_dir}"):
         ...long work...
 
-The innermost active description is attached to the KeyboardInterrupt as it passes
-(`where(exc)`) and kept as the process's `last_interrupt()` (Typer turns the interrupt into an
-exit code before the CLI sees it), so it survives the unwinding that ends the `with` blocks.
+The innermost active description wins (it marks the KeyboardInterrupt as it passes, so the outer
+blocks leave it alone) and is kept as the process's `last_interrupt()`: Typer turns the interrupt
+into an exit code before the CLI sees it, and the blocks have unwound by then.
 """
 from __future__ import annotations
 
@@ -45,8 +45,3 @@ def on_interrupt(describe: Callable[[], str]) -> Iterator[None]:
         except Exception:  # a description must never replace the interrupt with another error
             pass
         raise
-
-
-def where(exc: BaseException) -> Optional[str]:
-    """The description attached to an interrupt, or None."""
-    return getattr(exc, _ATTR, None)

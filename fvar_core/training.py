@@ -357,7 +357,7 @@ def _lock_run_dir(acc: Any, run_dir: Path) -> Optional[RunLock]:
     lock, refusal = None, None
     if acc.is_main_process:
         try:
-            ensure_dir(check_writable(run_dir, "run directory", folder=True), "run directory")
+            ensure_dir(run_dir, "run directory")  # writability: `check_run_dir`, just before
             lock = RunLock(run_dir).acquire()
         except UserError as e:
             refusal = str(e)

@@ -202,12 +202,12 @@ def evaluate(
 
         ckpt = newest_checkpoint("var")
         typer.echo(f"using the newest var checkpoint: {ckpt}", err=True)
-    check_inputs(chosen, ref, samples=samples, ckpt=ckpt)
+    fileset = check_inputs(chosen, ref, samples=samples, ckpt=ckpt)
     ex = _extractor(feature_weights, device)
     with _progress() as progress, on_interrupt(lambda: "during the evaluation (generated samples are kept)"):
         if samples is not None:
-            report = evaluate_samples(samples, ref, ex, chosen, batch_size=batch, kid_subsets=kid_subsets,
-                                      kid_subset_size=kid_subset_size, progress=progress)
+            report = evaluate_samples(samples, ref, ex, chosen, fileset=fileset, batch_size=batch,
+                                      kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, progress=progress)
             folder = samples
         else:
             report = evaluate_checkpoint(
