@@ -226,15 +226,35 @@ class MultiScaleQuantizer(nn.Module):
         """The φ conv of scale si."""
         return self.quant_resi.phis[self.phi_index[si]]
 
-    def _up(self, h: torch.Tensor, si: int) -> torch.Tensor:
-        """φ(bicubic_up(h)) for scale si; h (B, Cz, pn, pn) → (B, Cz, H, W). The last scale is
-        already full size and is not interpolated."""
+    def _add_scale(self, f_hat: torch.Tensor, code_BChw: torch.Tensor, si: int, *,
+                   encoder_layout: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """VAR's recurrence at scale si: h = φ_si(bicubic_up(code)), f̂ ← f̂ + h. Returns (f̂, h).
+
+        code_BChw (B, Cz, pn, pn) code vectors; h and f̂ (B, Cz, H, W). The last scale is already
+        full size and is not interpolated. f̂ is updated in place unless autograd tracks either
+        operand. encoder_layout makes the up-sampled map contiguous before φ, as VAR's encoder
+        does (its decoder and sampler do not); the two layouts round φ's conv differently in the
+        last bit, and each path matches its official counterpart bit for bit.
+        """
         H = self.patch_nums[-1]
+        h = code_BChw
         if si != self.num_scales - 1:
             h = F.interpolate(h, size=(H, H), mode="bicubic")  # align_corners=False, a = −0.75
-        return self.phi(si)(h)
+        h = self.phi(si)(h.contiguous() if encoder_layout else h)
+        if torch.is_grad_enabled() and (f_hat.requires_grad or h.requires_grad):
+            return f_hat + h, h
+        return f_hat.add_(h), h
 
-    def _down(self, x: torch.Tensor, si: int) -> torch.Tensor:
+    @staticmethod
+    def _residual(target: torch.Tensor, hs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """target − f̂ for a new target, formed as VAR forms f − f̂ (subtract each h in order, not
+        their sum) so equal latents give bit-identical tokens. A detached copy."""
+        r = target.detach().clone()
+        for h in hs:
+            r.sub_(h)
+        return r
+
+    def down(self, x: torch.Tensor, si: int) -> torch.Tensor:
         """area_down_k: (B, Cz, H, W) → (B, Cz, pn_k, pn_k); identity at the last scale."""
         pn = self.patch_nums[si]
         return x if si == self.num_scales - 1 else F.interpolate(x, size=(pn, pn), mode="area")
@@ -289,20 +309,16 @@ class MultiScaleQuantizer(nn.Module):
 
         for si, pn in enumerate(self.patch_nums):
             z_k = targets[si]
-            if z_k is not src:
-                # A new target: its residual z_k − f̂_{k−1}, formed as VAR forms f − f̂ (subtract
-                # each h in order, not the sum f̂) so equal latents give bit-identical tokens.
-                src, f_rest = z_k, z_k.clone()
-                for h in hs:
-                    f_rest.sub_(h)
+            if z_k is not src:  # a new target: its residual z_k − f̂_{k−1}
+                src, f_rest = z_k, self._residual(z_k, hs)
 
-            r = self._down(f_rest, si)
+            r = self.down(f_rest, si)
             idx_N, margin = nearest_code(_to_NC(r), E, with_margin)
             e_k = {"structure": ms(r)} if with_energy else {}
             if Ea is not None:
                 # Difference of the two views, area_down(f − f̂) − area_down(z_k − f̂), computed
                 # as area_down(f − z_k) (equal by linearity, without f̂'s cancellation).
-                a = self._down(f_full - z_k, si)
+                a = self.down(f_full - z_k, si)
                 a_idx, _ = nearest_code(_to_NC(a), Ea)
                 alias.append(a_idx.view(B, pn * pn))
                 if with_energy:
@@ -311,11 +327,7 @@ class MultiScaleQuantizer(nn.Module):
             if energy is not None:
                 energy.append(e_k)
 
-            h = self.embedding(idx_N.view(B, pn, pn)).permute(0, 3, 1, 2)  # (B, Cz, pn, pn)
-            if si != K - 1:
-                h = F.interpolate(h, size=(H, W), mode="bicubic")
-            h = self.phi(si)(h.contiguous())  # contiguous before φ, as VAR's encoder path
-            f_hat.add_(h)
+            f_hat, h = self._add_scale(f_hat, self.embed(idx_N.view(B, pn * pn), pn), si, encoder_layout=True)
             f_rest.sub_(h)
             hs.append(h)
             structure.append(idx_N.view(B, pn * pn))
@@ -343,7 +355,7 @@ class MultiScaleQuantizer(nn.Module):
         f_hat = torch.zeros(B, self.Cvae, H, H, device=idx_list[0].device, dtype=torch.float32)
         out = []
         for si, (idx, pn) in enumerate(zip(idx_list, self.patch_nums)):
-            f_hat.add_(self._up(self.embed(idx, pn), si))
+            f_hat, _ = self._add_scale(f_hat, self.embed(idx, pn), si)
             if not last_only:
                 out.append(f_hat.clone())
         return f_hat if last_only else out
@@ -360,7 +372,7 @@ class MultiScaleQuantizer(nn.Module):
         f_hat = torch.zeros(B, self.Cvae, H, H, device=idx_list[0].device, dtype=torch.float32)
         nxt = []
         for si in range(self.num_scales - 1):
-            f_hat.add_(self._up(self.embed(idx_list[si], self.patch_nums[si]), si))
+            f_hat, _ = self._add_scale(f_hat, self.embed(idx_list[si], self.patch_nums[si]), si)
             pn = self.patch_nums[si + 1]
             nxt.append(F.interpolate(f_hat, size=(pn, pn), mode="area").view(B, self.Cvae, -1).transpose(1, 2))
         return torch.cat(nxt, dim=1)
@@ -372,7 +384,7 @@ class MultiScaleQuantizer(nn.Module):
         h_BChw: (B, Cz, pn_si, pn_si) code vectors of scale si. Returns (f̂, next input), the next
         input being area_down(f̂) to pn_{si+1} (B, Cz, pn, pn), or f̂ itself after the last scale.
         """
-        f_hat.add_(self._up(h_BChw, si))
+        f_hat, _ = self._add_scale(f_hat, h_BChw, si)
         if si == self.num_scales - 1:
             return f_hat, f_hat
         pn = self.patch_nums[si + 1]
@@ -406,16 +418,13 @@ class MultiScaleQuantizer(nn.Module):
             idx_list, alias_list = [], ([] if Ea is not None else None)
             for si, pn in enumerate(self.patch_nums):
                 t = targets[si]
-                if t is not src:
-                    src, f_rest = t, t.detach().clone()
-                    for h in hs:
-                        f_rest.sub_(h)
-                r = self._down(f_rest, si).detach()
+                if t is not src:  # a new target: its residual t_k − f̂_{k−1}
+                    src, f_rest = t, self._residual(t, hs)
+                r = self.down(f_rest, si).detach()
                 structure_energy = structure_energy + r.square().mean()
                 idx_N, _ = nearest_code(_to_NC(r), E.detach())
                 hits[si] = idx_N.bincount(minlength=self.vocab_size).float()
-                h = self._up(self.embedding(idx_N.view(B, pn, pn)).permute(0, 3, 1, 2).contiguous(), si)
-                f_hat = f_hat + h
+                f_hat, h = self._add_scale(f_hat, self.embed(idx_N.view(B, pn * pn), pn).contiguous(), si)
                 f_rest.sub_(h.detach())
                 hs.append(h.detach())
                 idx_list.append(idx_N.view(B, pn * pn))
@@ -428,7 +437,7 @@ class MultiScaleQuantizer(nn.Module):
                     # focus path into VAR's. (Measured: in short CPU runs the residual still shrinks
                     # ~100× relative to E(x)², identically with alias_weight 0 — an early encoder
                     # codes colours and layout, which the blur does not change, not this loss.)
-                    a = self._down(f - t, si).detach()  # (B, Cz, pn, pn)
+                    a = self.down(f - t, si).detach()  # (B, Cz, pn, pn)
                     a_idx, _ = nearest_code(_to_NC(a), Ea.detach())
                     e = F.embedding(a_idx.view(B, pn, pn), Ea).permute(0, 3, 1, 2)
                     alias_loss = alias_loss + F.mse_loss(e, a)

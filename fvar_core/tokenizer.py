@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from .config import PyramidConfig, TokenizerConfig
 from .errors import UserError
+from .pyramid import focus_images
 from .quantizer import ALIAS_EMBEDDING_KEY, FocusTokens, MultiScaleQuantizer, VQOutput
 from .vqvae import Decoder, Encoder
 
@@ -86,7 +87,7 @@ class Tokenizer(nn.Module):
         return self.fhat_to_img(self.quantize.f_to_fhat_per_scale(self.encode_latent(img))[-1])
 
     # ------------------------------------------------------------------------------ FVAR's API
-    def _encode_views(self, img: torch.Tensor, focus_imgs: Sequence[torch.Tensor], focus_grad: bool = True):
+    def encode_views(self, img: torch.Tensor, focus_imgs: Sequence[torch.Tensor], focus_grad: bool = True):
         """E(img) and z_k = E(focus_imgs[k]) with ONE encoder call on img + the distinct focus
         images: an entry that is img itself (or the same tensor object as another scale's) reuses
         that latent, which is how scales with ρ_k below half a pixel get z_k = E(x) for free.
@@ -119,40 +120,23 @@ class Tokenizer(nn.Module):
                             with_margin: bool = False, with_energy: bool = False) -> FocusTokens:
         """Dual-path tokens of img (B, 3, H, W) given one focus image PSF_ρk ⋆ img per scale
         (K of them, the same object as img where ρ_k < ½ px); the K focus encodes are batched."""
-        f, zs = self._encode_views(img, focus_imgs)
+        f, zs = self.encode_views(img, focus_imgs)
         return self.quantize.encode_focus(f, zs, with_margin=with_margin, with_energy=with_energy)
 
     @torch.no_grad()
     def encode_with_pyramid(self, img: torch.Tensor, pyramid_cfg: PyramidConfig, resolution: int,
                             generator: Optional[torch.Generator] = None, with_energy: bool = False) -> FocusTokens:
-        """Dual-path tokens of img under a focus pyramid: ρ_k from `schedules.radii`, the PSF from
-        `psf.blur`. kernel 'area' or ρ_k < ½ (pixel or latent cell) reuses E(x) at that scale;
-        with `noise`, β_k ε (β linear from beta_start to beta_end over the scales) is added to each
-        blurred view (never to the sharp one, so z_K = E(x) stays exact)."""
-        from .psf import blur  # lazy: the pyramid modules are optional for plain VAR use
-        from .schedules import betas, radii
-
+        """Dual-path tokens of img under a focus pyramid, its views from `pyramid.focus_images`
+        (sharp scales reuse E(x); β_k ε with `noise`, never on the sharp view)."""
         if resolution != self.resolution:
             raise UserError(f"pyramid resolution {resolution} does not match the tokenizer's {self.resolution}")
-        K = len(self.patch_nums)
-        # Latent space: ρ in grid cells, so the schedule sees a "resolution" of one cell per token.
-        grid = resolution if pyramid_cfg.space == "pixel" else self.patch_nums[-1]
-        rhos = radii(pyramid_cfg.schedule, pyramid_cfg.rho_max, self.patch_nums, grid)
-        beta = betas(pyramid_cfg.beta_start, pyramid_cfg.beta_end, K)
-        focused = [pyramid_cfg.kernel != "area" and rho >= 0.5 for rho in rhos]
-
-        def noisy(x: torch.Tensor, k: int) -> torch.Tensor:
-            if not pyramid_cfg.noise:
-                return x
-            dev = generator.device if generator is not None else x.device
-            return x + beta[k] * torch.randn(x.shape, generator=generator, device=dev, dtype=x.dtype).to(x.device)
-
         if pyramid_cfg.space == "pixel":
-            views = [noisy(blur(img, pyramid_cfg.kernel, rhos[k]), k) if focused[k] else img for k in range(K)]
+            views = focus_images(img, pyramid_cfg, self.patch_nums, resolution, generator)
             return self.encode_focus_images(img, views, with_energy=with_energy)
         # Latent-grid variant (an experiment, DESIGN §4): the PSF acts on f, ρ in grid cells.
+        self._check_img(img)
         f = self.encode_latent(img)
-        zs = [noisy(blur(f, pyramid_cfg.kernel, rhos[k]), k) if focused[k] else f for k in range(K)]
+        zs = focus_images(f, pyramid_cfg, self.patch_nums, self.patch_nums[-1], generator)
         return self.quantize.encode_focus(f, zs, with_energy=with_energy)
 
     # -------------------------------------------------------------------------------- training
@@ -161,13 +145,13 @@ class Tokenizer(nn.Module):
         """Tokenizer training step body: (reconstruction (B, 3, H, W) unclamped, VQOutput).
 
         With focus images, the encoder runs once on img plus the distinct focus images (batched);
-        focus_grad False: see `_encode_views`.
+        focus_grad False: see `encode_views`.
         """
         if focus_imgs is None:
             self._check_img(img)
             f, f_focus = self.encode_latent(img), None
         else:
-            f, f_focus = self._encode_views(img, focus_imgs, focus_grad)
+            f, f_focus = self.encode_views(img, focus_imgs, focus_grad)
         vq: VQOutput = self.quantize(f, f_focus)
         return self.decoder(self.post_quant_conv(vq.f_hat)), vq
 

@@ -35,6 +35,8 @@ import torch.nn as nn
 
 from .config import Preset
 from .errors import UserError
+from .pyramid import focus_images
+from .schedules import radii
 from .tokenizer import EXTENSION_KEYS, Tokenizer, load_official_state_dict
 
 ALIAS_PARAM = "quantize.alias_embedding.weight"
@@ -103,17 +105,13 @@ class TokenizerTask:
     def __init__(self, preset: Preset, *, sample_images: Optional[torch.Tensor] = None,
                  init_from: Optional[Union[str, Path]] = None, perceptual_weights: Optional[Union[str, Path]] = None,
                  disc: bool = False, disc_weights: Optional[Union[str, Path]] = None, notes: Sequence[str] = ()):
-        from .schedules import betas, radii
-
         self.preset = preset
         self.cfg = preset.tokenizer_train
         pyr = preset.pyramid
         if pyr.space != "pixel":
             raise UserError("train-tokenizer supports pyramid.space 'pixel' only (the latent-grid variant is an "
                             "encoding-time experiment); set pyramid.space=pixel")
-        self.rhos = radii(pyr.schedule, pyr.rho_max, preset.patch_nums, preset.resolution)
-        self.focused = [pyr.kernel != "area" and r >= 0.5 for r in self.rhos]
-        self.betas = betas(pyr.beta_start, pyr.beta_end, preset.num_scales)
+        self.rhos = radii(pyr.schedule, pyr.rho_max, preset.patch_nums, preset.resolution)  # for the log
         self.init_from = Path(init_from) if init_from is not None else None
         if self.init_from is not None and not preset.tokenizer.alias_vocab_size:
             raise UserError(f"--init-from trains only the alias codebook, and preset {preset.name} has none "
@@ -197,24 +195,9 @@ class TokenizerTask:
 
     # ------------------------------------------------------------------------------- step
     def focus_images(self, img: torch.Tensor) -> List[torch.Tensor]:
-        """One view per scale: PSF_ρk ⋆ img (+ β_k ε with pyramid.noise), img itself where ρ_k < ½."""
-        from .psf import blur
-
-        pyr = self.preset.pyramid
-        views: List[torch.Tensor] = []
-        cache: Dict[float, torch.Tensor] = {}
-        with torch.autocast(img.device.type, enabled=False):  # the PSF in float32 even under bf16
-            for k, rho in enumerate(self.rhos):
-                if not self.focused[k]:
-                    views.append(img)
-                    continue
-                if pyr.noise:
-                    views.append(blur(img, pyr.kernel, rho) + self.betas[k] * torch.randn_like(img))
-                else:
-                    if rho not in cache:
-                        cache[rho] = blur(img, pyr.kernel, rho)
-                    views.append(cache[rho])
-        return views
+        """`pyramid.focus_images` of img under the preset, noise from the global RNG (seeded and
+        restored with the run, so resume is bitwise)."""
+        return focus_images(img, self.preset.pyramid, self.preset.patch_nums, self.preset.resolution)
 
     def step(self, batch: Any, step: int):
         img = batch[0].float()  # (B, 3, R, R) in [-1, 1]
@@ -258,7 +241,7 @@ class TokenizerTask:
                     h = a.flatten().bincount(minlength=Va).float()
                     self._win_a[k] += h
                     self._dead_a += h
-        self._last = (img.detach(), focus)
+        self._last = (img, focus)  # data: no graph to hold; the same object the sharp views are
         return loss, metrics
 
     # ------------------------------------------------------------------------- dead codes
@@ -269,15 +252,15 @@ class TokenizerTask:
             return None
         img, focus = self._last
         q = self.q
-        f, zs = self.tok._encode_views(img, focus)
+        f, zs = self.tok.encode_views(img, focus)
         f, zs = f.float(), [z.float() for z in zs]
         toks = q.encode_focus(f, zs)
         to_nc = lambda x: x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])  # noqa: E731
-        pool = torch.cat([to_nc(q._down(zs[k] - (toks.fhat[k - 1] if k else 0), k)) for k in range(q.num_scales)])
+        pool = torch.cat([to_nc(q.down(zs[k] - (toks.fhat[k - 1] if k else 0), k)) for k in range(q.num_scales)])
         if q.embedding.weight.requires_grad:
             self.restarted["structure"] += self._restart(q.embedding.weight, self._dead, pool)
         if self._dead_a is not None and q.alias_embedding is not None:
-            diffs = [to_nc(q._down(f - zs[k], k)) for k in range(q.num_scales) if self.focused[k]]
+            diffs = [to_nc(q.down(f - zs[k], k)) for k in range(q.num_scales) if focus[k] is not img]
             if diffs:
                 self.restarted["alias"] += self._restart(q.alias_embedding.weight, self._dead_a, torch.cat(diffs))
         self._dead.zero_()

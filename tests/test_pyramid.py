@@ -8,7 +8,8 @@ from PIL import Image
 from fvar_core.config import PyramidConfig
 from fvar_core.errors import UserError
 from fvar_core.figure import nice_gain, pyramid_figure
-from fvar_core.pyramid import PyramidViews, focus_views
+from fvar_core.psf import blur
+from fvar_core.pyramid import PyramidViews, area_down, focus_images, focus_views
 from fvar_core.schedules import betas, radii, view_sizes
 from fvar_core.testimages import BUILTIN_IMAGES, resolution_chart, zone_plate
 
@@ -97,18 +98,50 @@ def test_focus_views_are_blurred_area_views():
 def test_noise_is_reproducible_with_a_seeded_generator_and_absent_when_off():
     x = _image()
     cfg = PyramidConfig(rho_max=3.0, noise=True, beta_start=0.1, beta_end=0.2)
-    a = focus_views(x, cfg, PN_TINY, 64, generator=torch.Generator().manual_seed(7))
-    b = focus_views(x, cfg, PN_TINY, 64, generator=torch.Generator().manual_seed(7))
-    quiet = focus_views(x, cfg.model_copy(update={"noise": False}), PN_TINY, 64,
-                        generator=torch.Generator().manual_seed(7))
-    clean = focus_views(x, cfg.model_copy(update={"noise": False}), PN_TINY, 64)
-    for la, lb, lq, lc, beta in zip(a.L, b.L, quiet.L, clean.L, betas(0.1, 0.2, 3)):
+    a = focus_images(x, cfg, PN_TINY, 64, generator=torch.Generator().manual_seed(7))
+    b = focus_images(x, cfg, PN_TINY, 64, generator=torch.Generator().manual_seed(7))
+    quiet = focus_images(x, cfg.model_copy(update={"noise": False}), PN_TINY, 64,
+                         generator=torch.Generator().manual_seed(7))
+    clean = focus_images(x, cfg.model_copy(update={"noise": False}), PN_TINY, 64)
+    rhos = radii("cosine", 3.0, PN_TINY, 64)
+    for la, lb, lq, lc, beta, rho in zip(a, b, quiet, clean, betas(0.1, 0.2, 3), rhos):
         assert torch.equal(la, lb)
         assert torch.equal(lq, lc)
-        assert (la - lq).std().item() == pytest.approx(beta, rel=0.25)  # ε ~ N(0, 1) scaled by β_k
-    # noise never touches the area path
-    for da, dq in zip(a.D, quiet.D):
+        if rho >= 0.5:
+            assert (la - lq).std().item() == pytest.approx(beta, rel=0.25)  # ε ~ N(0, 1) scaled by β_k
+        else:
+            assert la is x and lq is x  # the sharp view is x itself, never noised (z_K = E(x) exactly)
+    # the views are those images, area-downsampled; noise never touches the area path
+    views = focus_views(x, cfg, PN_TINY, 64, generator=torch.Generator().manual_seed(7))
+    for f, l, v in zip(a, views.L, views.sizes):
+        assert torch.equal(l, area_down(f, v))
+    for da, dq in zip(views.D, focus_views(x, cfg.model_copy(update={"noise": False}), PN_TINY, 64).D):
         assert torch.equal(da, dq)
+
+
+def test_equal_radii_share_one_focus_image_without_noise():
+    pn = (1, 2, 4, 8, 16)  # matched schedule capped at ρ_max: several scales at the same radius
+    cfg = PyramidConfig(schedule="matched", rho_max=2.0)
+    x = _image(n=64)
+    views = focus_images(x, cfg, pn, 64)
+    rhos = radii("matched", 2.0, pn, 64)
+    for i in range(len(pn)):
+        for j in range(len(pn)):
+            assert (views[i] is views[j]) == (rhos[i] == rhos[j] or (rhos[i] < 0.5 and rhos[j] < 0.5))
+    assert sum(r == 2.0 for r in rhos) >= 2
+    noisy = focus_images(x, cfg.model_copy(update={"noise": True}), pn, 64)
+    assert noisy[0] is not noisy[1]  # each noisy view draws its own ε
+
+
+def test_latent_focus_images_measure_radii_in_grid_cells():
+    f = _image(n=8)  # a latent grid of 8×8 cells
+    cfg = PyramidConfig(rho_max=1.5, space="latent")
+    zs = focus_images(f, cfg, (1, 2, 4, 8), 8)
+    rhos = radii("cosine", 1.5, (1, 2, 4, 8), 8)
+    for z, rho in zip(zs, rhos):
+        assert (z is f) == (rho < 0.5)
+        if rho >= 0.5:
+            assert torch.equal(z, blur(f, "disk", rho))
 
 
 def test_batched_views_match_per_image_views():
