@@ -365,7 +365,7 @@ def bench_train(preset, *, distill: bool = False, batch: int = 64, steps: int = 
     task = VARTask(p, tok, distill=distill, source="tokens")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     with tempfile.TemporaryDirectory(prefix="fvar-bench-") as tmp, PeakMemory(dev) as mem:
-        fit(task, data, Path(tmp) / "run", train, p, "distill" if distill else "train", device=str(dev),
+        fit(task, data, Path(tmp) / "run", device=str(dev),
             console=Console(quiet=True, force_terminal=False), num_workers=0, checkpoints=False)
         lines = [json.loads(x) for x in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
     timed = Timings([batch / line["img_per_s"] for line in lines[warmup:]])
@@ -391,12 +391,12 @@ def count_train_flops(task, item, device: torch.device) -> int:
     """Model FLOPs of one training step's forward + backward for one item (B = 1), fp32, counted
     on the task's (already trained-on) model without torch.compile (FlopCounterMode: matmuls,
     convolutions, attention)."""
-    from .training import _to_device
+    from .training import to_device
 
     compiled, task.run = task.run, task.model
     try:
         task.model.train()
-        batch = _to_device(tuple(torch.as_tensor(x).unsqueeze(0) for x in item), device)
+        batch = to_device(tuple(torch.as_tensor(x).unsqueeze(0) for x in item), device)
 
         def step() -> None:
             loss, _ = task.step(batch, 0)

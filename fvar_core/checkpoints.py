@@ -17,7 +17,6 @@ a damaged file is named as such rather than half-read. Official `.pth` files are
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 import re
@@ -34,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from .atomic import atomic_write, check_writable, umask, write_error
 from .config import Preset
 from .errors import UserError
+from .hashing import file_sha256
 from .presets import list_presets, load_preset, validate
 
 FORMAT = "fvar-checkpoint"
@@ -74,14 +74,6 @@ def _fvar_version() -> str:
 
 def _utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
-
-
-def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------- save
@@ -176,7 +168,7 @@ def save_checkpoint(directory: PathLike, *, kind: str, preset: Optional[Preset],
                 os.fsync(f.fileno())
         # sizes and sha256 of what was written: `verify_checkpoint` tells a truncated or damaged
         # file from a good one before anything trusts it
-        config["files"] = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+        config["files"] = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
                            for p in (weights, tmp / TRAINING_STATE_NAME) if p.is_file()}
         with open(tmp / CONFIG_NAME, "w", encoding="utf-8") as f:
             f.write(json.dumps(config, indent=2) + "\n")
@@ -294,7 +286,7 @@ def verify_checkpoint(path: PathLike) -> Optional[str]:
                     f"truncated or replaced)")
         key = (str(f.resolve()), st.st_size, st.st_mtime_ns, rec.get("sha256"))
         if key not in _VERIFIED:
-            if sha256_file(f) != rec.get("sha256"):
+            if file_sha256(f) != rec.get("sha256"):
                 return f"{name} is unreadable or corrupt (its sha256 differs from the one recorded at save time)"
             _VERIFIED[key] = None
     return None
@@ -632,7 +624,7 @@ def import_official(src: PathLike, out: PathLike, preset_name: Optional[str] = N
                                    preset.tokenizer.z_channels)
         model.load_official_state_dict(sd)
     state = model.state_dict()
-    provenance = {"source": {"file": src.name, "sha256": sha256_file(src), "format": "official VAR .pth"},
+    provenance = {"source": {"file": src.name, "sha256": file_sha256(src), "format": "official VAR .pth"},
                   "step": None, "converted_with_preset": name}
     out = save_checkpoint(out, kind=kind, preset=preset, state_dict=state, provenance=provenance)
     return ConversionReport(kind=kind, architecture=_describe(kind, preset), num_tensors=len(state), out=out,

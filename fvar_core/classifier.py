@@ -38,7 +38,7 @@ from .data import scan_image_folder
 from .devices import pick_device
 from .errors import UserError
 from .images import open_rgb
-from .shards import weights_sha256
+from .hashing import tensors_sha256
 
 PathLike = Union[str, Path]
 KIND = "classifier"
@@ -307,5 +307,5 @@ def load_classifier(path: PathLike, device: Optional[str] = None) -> LoadedClass
     net.to(pick_device(device or "auto")).eval()
     # The tensors' hash, not the file's: safetensors orders its metadata freely, so two saves of the
     # same weights can differ as files, and a retrained identical network must keep its identity.
-    return LoadedClassifier(net, list(info["classes"]), ck.path, weights_sha256(ck.state_dict),
+    return LoadedClassifier(net, list(info["classes"]), ck.path, tensors_sha256(ck.state_dict),
                             {k: v for k, v in ck.extra.items()})

@@ -7,6 +7,7 @@ width, ...) are checked in `Preset`.
 """
 from __future__ import annotations
 
+import math
 from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -119,31 +120,38 @@ class TeacherConfig(_Strict):
     teacher_ce: bool = Field(True, description="the teacher's own CE (Eq. 12 omits it; without it it never learns)")
 
 
-class TrainConfig(_Strict):
-    """Transformer training (VAR's recipe shape, the paper's numbers)."""
+class LoopConfig(_Strict):
+    """What the one training loop (`training.fit`) reads: optimiser, lr schedule, precision,
+    logging and checkpoints. Each mode's section extends it with its own defaults.
 
-    steps: int = Field(400_000, ge=1)
+    lr: the peak lr (`peak_lr`); warm-up linear from warmup_start·peak over `warmup_steps`, then
+    lr_schedule: 'constant', or 'lin0' (VAR's `lr_wd_annealing`: flat for the first 5% of the
+    remaining steps, then linear to lr_end·peak at the last step). Weight decay: cosine from
+    weight_decay to weight_decay_end.
+    """
+
+    steps: int = Field(100_000, ge=1)
     batch_size: int = Field(256, ge=1, description="global batch")
-    lr: float = Field(1e-4, gt=0.0, description="base lr per 256 images; peak = lr · batch_size / 256")
-    weight_decay: float = Field(0.05, ge=0.0)
-    weight_decay_end: float = Field(0.05, ge=0.0)
-    betas: tuple[float, float] = (0.9, 0.95)
-    warmup_frac: float = Field(0.02, ge=0.0, lt=1.0, description="VAR: ep/50 epochs of warm-up")
-    warmup_start: float = Field(0.005, ge=0.0, le=1.0, description="warm-up starts at this × peak")
+    lr: float = Field(1e-4, gt=0.0)
+    lr_schedule: Literal["constant", "lin0"] = Field(
+        "constant", description="after warm-up: constant, or lin0 (flat 5%, then linear to lr_end × peak)")
     lr_end: float = Field(0.01, ge=0.0, le=1.0, description="lin0 decay ends at this × peak")
+    warmup_frac: float = Field(0.01, ge=0.0, lt=1.0, description="fraction of the steps spent warming up")
+    warmup_max_steps: Optional[int] = Field(1000, ge=0, description="cap on the warm-up steps; null = none")
+    warmup_start: float = Field(0.1, ge=0.0, le=1.0, description="warm-up starts at this × peak")
+    weight_decay: float = Field(0.0, ge=0.0)
+    weight_decay_end: float = Field(0.0, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = Field(2.0, ge=0.0, description="0 = off")
     grad_accum: int = Field(1, ge=1)
     precision: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="autocast on CUDA")
     cpu_bf16: bool = Field(False, description="bf16 autocast on CPU too (fp32 weights; ~1.6x faster on CPUs with "
                                               "AVX512-BF16); off: the CPU path stays the exact fp32 reference")
-    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     seed: int = Field(0, ge=0)
     log_every: int = Field(50, ge=1)
     ckpt_every: int = Field(5000, ge=1)
     keep_last: int = Field(3, ge=1)
     sample_every: int = Field(5000, ge=0, description="0 = no sample grids")
-    activation_checkpointing: bool = False
-    compile: bool = False
 
     @field_validator("betas")
     @classmethod
@@ -152,16 +160,59 @@ class TrainConfig(_Strict):
             raise ValueError("betas must lie in [0, 1)")
         return v
 
+    @property
+    def peak_lr(self) -> float:
+        return float(self.lr)
 
-class TokenizerTrainConfig(_Strict):
-    """Dual tokenizer training (paper §4.2: 100K steps before the transformer)."""
+    @property
+    def warmup_steps(self) -> int:
+        n = round(self.warmup_frac * self.steps)
+        return n if self.warmup_max_steps is None else min(n, self.warmup_max_steps)
 
-    steps: int = Field(100_000, ge=1)
-    batch_size: int = Field(256, ge=1)
-    lr: float = Field(1e-4, gt=0.0)
-    lr_schedule: Literal["constant", "lin0"] = Field(
-        "constant", description="after the 1% warm-up: constant, or lin0 (flat 5%, then linear to lr_end × lr)")
-    lr_end: float = Field(0.01, ge=0.0, le=1.0, description="with lr_schedule lin0: the last step's lr / lr")
+    def lr_at(self, it: int) -> float:
+        """lr of optimiser step `it` (0-based); see the class docstring."""
+        peak, warm = self.peak_lr, self.warmup_steps
+        if it < warm:
+            return peak * (self.warmup_start + (1 - self.warmup_start) * it / warm)
+        if self.lr_schedule == "constant":
+            return peak
+        rest = max(self.steps - 1 - warm, 1)  # the last step (steps − 1) ends at lr_end
+        t = (it - warm) / rest
+        if t < 0.05:
+            return peak
+        frac = min((t - 0.05) / 0.95, 1.0)
+        return peak * (1 + (self.lr_end - 1) * frac)
+
+    def wd_at(self, it: int) -> float:
+        """Weight decay of step `it`: cosine from weight_decay to weight_decay_end (var-facts §3.3)."""
+        t = min(it / max(self.steps - 1, 1), 1.0)
+        return self.weight_decay_end + (self.weight_decay - self.weight_decay_end) * (1 + math.cos(math.pi * t)) / 2
+
+
+class TrainConfig(LoopConfig):
+    """Transformer training (VAR's recipe shape, the paper's numbers)."""
+
+    steps: int = Field(400_000, ge=1)
+    lr: float = Field(1e-4, gt=0.0, description="base lr per 256 images; peak = lr · batch_size / 256")
+    lr_schedule: Literal["constant", "lin0"] = Field("lin0", description="VAR's: flat 5%, then linear to lr_end")
+    warmup_frac: float = Field(0.02, ge=0.0, lt=1.0, description="VAR: ep/50 epochs of warm-up")
+    warmup_max_steps: Optional[int] = Field(None, ge=0, description="cap on the warm-up steps; null = none")
+    warmup_start: float = Field(0.005, ge=0.0, le=1.0, description="warm-up starts at this × peak")
+    weight_decay: float = Field(0.05, ge=0.0)
+    weight_decay_end: float = Field(0.05, ge=0.0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    activation_checkpointing: bool = False
+    compile: bool = False
+
+    @property
+    def peak_lr(self) -> float:
+        return self.lr * self.batch_size / 256  # VAR's tblr: lr is per 256 images
+
+
+class TokenizerTrainConfig(LoopConfig):
+    """Dual tokenizer training (paper §4.2: 100K steps before the transformer); the loop's
+    defaults: a 1% warm-up (at most 1000 steps) from 0.1 × lr, then a constant lr, no weight decay."""
+
     l1_weight: float = Field(1.0, ge=0.0)
     l2_weight: float = Field(1.0, ge=0.0)
     vq_weight: float = Field(1.0, ge=0.0)
@@ -175,14 +226,6 @@ class TokenizerTrainConfig(_Strict):
     dead_code_every: int = Field(1000, ge=0, description="restart unused codes every N steps; 0 = off")
     focus_grad: bool = Field(True, description="backpropagate the commitment loss through the blurred views' "
                                                "encodes; false treats their latents as constants (no backward)")
-    precision: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="autocast on CUDA")
-    cpu_bf16: bool = Field(False, description="bf16 autocast on CPU too (fp32 weights; ~1.6x faster on CPUs with "
-                                              "AVX512-BF16); off: the CPU path stays the exact fp32 reference")
-    seed: int = Field(0, ge=0)
-    log_every: int = Field(50, ge=1)
-    ckpt_every: int = Field(5000, ge=1)
-    keep_last: int = Field(3, ge=1)
-    sample_every: int = Field(5000, ge=0)
 
 
 class DataConfig(_Strict):

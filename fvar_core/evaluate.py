@@ -220,7 +220,8 @@ def generate_samples(ckpt: PathLike, *, num_samples: int, per_class: int, seed: 
     """Generate (or resume) N samples of a var checkpoint into a folder (see the module docstring).
     `before(preset)` runs after the checkpoint is read and before anything is generated (the
     caller's input checks)."""
-    from .checkpoints import WEIGHTS_NAME, read_checkpoint_config, sha256_file
+    from .checkpoints import WEIGHTS_NAME, read_checkpoint_config
+    from .hashing import file_sha256
     from .presets import validate
     from .runs import find_tokenizer, resolve_checkpoint
     from .sampler import generate_to_folder, settings_from, write_json
@@ -237,9 +238,9 @@ def generate_samples(ckpt: PathLike, *, num_samples: int, per_class: int, seed: 
     tok_dir = find_tokenizer(ck_dir, cfg.get("provenance", {}), tokenizer)
     out_dir = Path(out) if out is not None else default_samples_dir(ck_dir, num_samples, seed)
     generation = {
-        "checkpoint": {"path": str(ck_dir.resolve()), "sha256": sha256_file(ck_dir / WEIGHTS_NAME),
+        "checkpoint": {"path": str(ck_dir.resolve()), "sha256": file_sha256(ck_dir / WEIGHTS_NAME),
                        "preset": preset.name},
-        "tokenizer": {"path": str(Path(tok_dir).resolve()), "sha256": sha256_file(Path(tok_dir) / WEIGHTS_NAME)},
+        "tokenizer": {"path": str(Path(tok_dir).resolve()), "sha256": file_sha256(Path(tok_dir) / WEIGHTS_NAME)},
         "settings": settings.model_dump(mode="json"),
         "seeds": {"base": seed, "rule": "image i has seed base + i"},
         "labels": {"num_samples": num_samples, "per_class": per_class, "classes": num_samples // per_class,
@@ -298,7 +299,8 @@ def tokenizer_reconstruction(tokenizer: PathLike, data: PathLike, extractor: Opt
     """
     import torch
 
-    from .checkpoints import WEIGHTS_NAME, build_tokenizer, load_checkpoint, sha256_file
+    from .checkpoints import WEIGHTS_NAME, build_tokenizer, load_checkpoint
+    from .hashing import file_sha256
     from .data import ImageFolderDataset, scan_image_folder, validate
     from .metrics import RunningStats, psnr, ssim
     from .refstats import subset_indices
@@ -353,7 +355,7 @@ def tokenizer_reconstruction(tokenizer: PathLike, data: PathLike, extractor: Opt
         "format": REPORT_FORMAT, "version": REPORT_VERSION, "created": _utc_now(), "kind": "reconstruction",
         "metrics": {"psnr": float(np.mean(finite)) if finite else None, "ssim": float(np.mean(ssims)),
                     "rfid": rfid},
-        "tokenizer": {"path": str(ck.path.resolve()), "sha256": sha256_file(ck.path / WEIGHTS_NAME),
+        "tokenizer": {"path": str(ck.path.resolve()), "sha256": file_sha256(ck.path / WEIGHTS_NAME),
                       "preset": ck.preset.name, "resolution": R},
         "data": {"path": str(Path(data).resolve()), "count": len(psnrs), "skipped": len(skipped),
                  "skipped_examples": skipped[:5], "identical_images": len(psnrs) - len(finite)},

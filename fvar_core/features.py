@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from . import envvars
-from .checkpoints import sha256_file
+from .hashing import file_sha256
 from .errors import UserError
 
 ENV_WEIGHTS = envvars.FEATURE_WEIGHTS
@@ -86,7 +86,7 @@ def resolve_weights(path: Optional[PathLike] = None, download: bool = True) -> W
         if not p.is_file():
             raise UserError(f"feature-extractor weights {p}: no such file "
                             f"(--feature-weights / {ENV_WEIGHTS}; unset it to use torch-fidelity's download)")
-        sha = sha256_file(p)
+        sha = file_sha256(p)
         return WeightsInfo(str(p.resolve()), sha, "path", sha.startswith(OFFICIAL_SHA256_PREFIX))
     dst = Path(torch.hub.get_dir()) / "checkpoints" / official_filename()
     source = "torch-hub cache"
@@ -101,7 +101,7 @@ def resolve_weights(path: Optional[PathLike] = None, download: bool = True) -> W
             reason = str(getattr(e, "reason", None) or e).splitlines()[0] if str(e) else type(e).__name__
             raise UserError(f"cannot download the Inception weights ({reason}); offline? {_way_out()}") from None
         source = "download"
-    sha = sha256_file(dst)
+    sha = file_sha256(dst)
     return WeightsInfo(str(dst), sha, source, sha.startswith(OFFICIAL_SHA256_PREFIX))
 
 

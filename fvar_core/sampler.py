@@ -335,10 +335,11 @@ def sample(var, tokenizer, labels: Sequence[int], seeds: Sequence[int], settings
 
 def checkpoint_identity(ckpt) -> Dict[str, Any]:
     """What names a checkpoint in sidecars: path, weights sha256, preset, step, kind."""
-    from .checkpoints import WEIGHTS_NAME, sha256_file
+    from .checkpoints import WEIGHTS_NAME
+    from .hashing import file_sha256
 
     return {"path": str(Path(ckpt.path).resolve()), "kind": ckpt.kind,
-            "sha256": sha256_file(Path(ckpt.path) / WEIGHTS_NAME), "preset": ckpt.preset.name,
+            "sha256": file_sha256(Path(ckpt.path) / WEIGHTS_NAME), "preset": ckpt.preset.name,
             "step": ckpt.provenance.get("step")}
 
 

@@ -26,7 +26,7 @@ manifest.json::
     format "fvar-token-shards", version 1
     patch_nums, seq_len, vocab_size, alias_vocab_size (0 = no alias tokens), structure_dtype,
     alias_dtype, preset (name), preset_config (the resolved preset), tokenizer {path, sha256}
-    (sha256 of the weights, see `weights_sha256`), flip, variants (1 or 2), classes,
+    (sha256 of the weights, see `hashing.tensors_sha256`), flip, variants (1 or 2), classes,
     images {count, fingerprint} (which files, see `FolderIndex.fingerprint`), shard_size,
     num_shards, noise_batch (batch size the pyramid noise was drawn with; null without noise),
     shards [{name, count, images, skipped, complete}], total (items in complete shards),
@@ -54,6 +54,7 @@ import torch
 
 from .config import Preset
 from .errors import UserError
+from .hashing import tensors_sha256
 from .atomic import atomic_write_bytes
 from .data import SKIPPED_FILES
 from .runlock import LOCK_NAME
@@ -77,18 +78,6 @@ def token_dtype(vocab: int) -> str:
 
 def shard_name(s: int) -> str:
     return f"shard-{s:05d}"
-
-
-def weights_sha256(weights: Union[torch.nn.Module, Dict[str, torch.Tensor]]) -> str:
-    """sha256 over a module's (or a) state dict: for each key in sorted order its name, dtype, shape
-    and raw bytes. Identifies the weights whatever file (or run directory) they came from."""
-    h = hashlib.sha256()
-    sd = weights.state_dict() if isinstance(weights, torch.nn.Module) else weights
-    for k, t in sorted(sd.items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}\n".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def _npy_bytes(arr: np.ndarray) -> bytes:
@@ -361,7 +350,7 @@ def shard_meta(preset: Preset, tokenizer, index, flip: bool, batch_size: int,
         "preset": preset.name,
         "preset_config": preset.model_dump(mode="json"),
         "tokenizer": {"path": None if tokenizer_path is None else str(tokenizer_path),
-                      "sha256": weights_sha256(tokenizer)},
+                      "sha256": tensors_sha256(tokenizer)},
         "flip": bool(flip),
         "variants": 2 if flip else 1,
         "classes": list(index.classes),

@@ -100,13 +100,14 @@ class TokenizerTask:
     """The tokenizer mode of `training.fit` (see `training.Task`)."""
 
     kind = "tokenizer"
+    mode = "tokenizer"
     best_metric = "recon"
 
     def __init__(self, preset: Preset, *, sample_images: Optional[torch.Tensor] = None,
                  init_from: Optional[Union[str, Path]] = None, perceptual_weights: Optional[Union[str, Path]] = None,
                  disc: bool = False, disc_weights: Optional[Union[str, Path]] = None, notes: Sequence[str] = ()):
         self.preset = preset
-        self.cfg = preset.tokenizer_train
+        self.cfg = self.loop_config = preset.tokenizer_train
         pyr = preset.pyramid
         if pyr.space != "pixel":
             raise UserError("train-tokenizer supports pyramid.space 'pixel' only (the latent-grid variant is an "
@@ -356,7 +357,8 @@ def train_tokenizer(preset: Preset, data_root: Union[str, Path], run_dir: Union[
     run_dir; resuming on another folder needs allow_data_change. Returns `training.FitResult`."""
     from .data import (ImageFolderDataset, scan_image_folder, validate, validation_report, write_class_index,
                        write_skipped, SKIPPED_FILES)
-    from .training import check_run_dir, data_identity, fit
+    from .runs import check_run_dir, data_identity
+    from .training import fit
 
     run_dir = Path(run_dir)
     index = scan_image_folder(data_root)
@@ -364,7 +366,7 @@ def train_tokenizer(preset: Preset, data_root: Union[str, Path], run_dir: Union[
     notes = [f"data: {data_root}: {len(good)} images in {len(good.classes)} classes"]
     if bad:
         notes.append(validation_report(bad, len(index), listed_in=run_dir / SKIPPED_FILES))
-    check_run_dir(run_dir, preset)  # before the slow set-up; `fit` writes the files (main process)
+    run = check_run_dir(run_dir, preset)  # before the slow set-up; `fit` writes the files (main process)
 
     seed = preset.tokenizer_train.seed
     data = ImageFolderDataset.from_config(good, preset.resolution, preset.data, train=True, seed=seed)
@@ -382,7 +384,7 @@ def train_tokenizer(preset: Preset, data_root: Union[str, Path], run_dir: Union[
         write_class_index(d / "classes.json", good.classes)
         write_skipped(d / SKIPPED_FILES, bad)
 
-    res = fit(task, data, run_dir, preset.tokenizer_train, preset, "tokenizer", device=device, console=console,
+    res = fit(task, data, run, device=device, console=console,
               provenance=prov, prepare=prepare, data_identity=data_identity("images", data_root, good.fingerprint()),
               allow_data_change=allow_data_change)
     if task.disc is not None and res.main_process:

@@ -163,6 +163,8 @@ class VARTask:
             raise UserError(f"preset {preset.name} has no alias codebook (tokenizer.alias_vocab_size 0): "
                             f"nothing for a teacher to read; train it with `fvar train`")
         self.preset, self.cfg = preset, preset.train
+        self.loop_config = preset.train
+        self.mode = "distill" if distill else "train"
         self.tok = tokenizer.eval().requires_grad_(False)
         self.distill, self.source = distill, source
         self.notes = list(notes)
@@ -298,11 +300,12 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 def check_run_tokenizer(run_dir: Path, tokenizer_ckpt: Path) -> str:
     """The sha256 of the tokenizer's weights; a UserError if run_dir was trained with another one."""
-    from .checkpoints import WEIGHTS_NAME, sha256_file
+    from .checkpoints import WEIGHTS_NAME
+    from .hashing import file_sha256
 
     dst = run_dir / TOKENIZER_DIR
-    want = sha256_file(tokenizer_ckpt / WEIGHTS_NAME)
-    if (dst / WEIGHTS_NAME).is_file() and sha256_file(dst / WEIGHTS_NAME) != want:
+    want = file_sha256(tokenizer_ckpt / WEIGHTS_NAME)
+    if (dst / WEIGHTS_NAME).is_file() and file_sha256(dst / WEIGHTS_NAME) != want:
         raise UserError(f"{run_dir} was trained with another tokenizer ({dst}); choose another --out")
     return want
 
@@ -349,7 +352,8 @@ def train_transformer(preset: Preset, run_dir: Union[str, Path], *, distill: boo
     from .checkpoints import build_tokenizer, load_checkpoint
     from .runs import resolve_checkpoint
     from .data import SKIPPED_FILES, write_class_index, write_skipped
-    from .training import check_run_dir, data_identity, fit
+    from .runs import check_run_dir, data_identity
+    from .training import fit
 
     if (tokens is None) == (data is None):
         raise UserError("give either --tokens SHARDS or --data DIR (with --tokenizer CKPT)")
@@ -390,14 +394,14 @@ def train_transformer(preset: Preset, run_dir: Union[str, Path], *, distill: boo
     check_tokenizer_fits(preset, tok_ck.preset, f"tokenizer {tok_path}")
     tok = build_tokenizer(tok_ck)
     if tokens is not None:
-        from .shards import weights_sha256
+        from .hashing import tensors_sha256
 
         want = (shards.manifest.get("tokenizer") or {}).get("sha256")
-        if want and weights_sha256(tok) != want:
+        if want and tensors_sha256(tok) != want:
             raise UserError(f"tokenizer {tok_ck.path} is not the one that wrote {tokens} (its weights differ)")
 
     # Read-only checks on every rank; the files are written by the main process inside `fit`.
-    check_run_dir(run_dir, preset)
+    run = check_run_dir(run_dir, preset)
     tok_sha = check_run_tokenizer(run_dir, tok_ck.path)
 
     def prepare(d: Path) -> None:
@@ -410,7 +414,7 @@ def train_transformer(preset: Preset, run_dir: Union[str, Path], *, distill: boo
                    sample_labels=[round(i * (len(classes) - 1) / max(n - 1, 1)) for i in range(n)])
     prov = {"tokenizer": {"path": f"../../{TOKENIZER_DIR}", "sha256": tok_sha},
             "data": str(Path(tokens if tokens is not None else data).resolve())}
-    res = fit(task, dataset, run_dir, preset.train, preset, "distill" if distill else "train", device=device,
+    res = fit(task, dataset, run, device=device,
               console=console, num_workers=num_workers, provenance=prov, prepare=prepare, data_identity=identity,
               allow_data_change=allow_data_change)
     if distill and save_teacher and res.main_process:

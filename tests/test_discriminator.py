@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from fvar_core.discriminator import PatchDiscriminator, adaptive_weight, adversarial_terms
 from fvar_core.checkpoints import load_checkpoint
-from fvar_core.training import complete_checkpoints
+from fvar_core.runs import complete_checkpoints
 
 from .helpers import kill_at_step, make_folder
 

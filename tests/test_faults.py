@@ -29,11 +29,11 @@ from fvar_core.errors import FvarWarning, UserError
 from fvar_core.presets import load_preset
 from fvar_core.runlock import LOCK_NAME, RunLock
 from fvar_core.runs import resolve_checkpoint
-from fvar_core.training import complete_checkpoints
+from fvar_core.runs import complete_checkpoints
 
 from .helpers import make_folder
 from .test_convert import official_vae  # noqa: F401  (a fixture)
-from .test_training_loop import ToyData, ToyTask, _preset, _run
+from .test_training_loop import ToyTask, _preset, _run
 
 REPO = Path(__file__).resolve().parents[1]
 FVAR = [sys.executable, "-c", "from fvar_cli.app import main; main()"]

@@ -6,7 +6,7 @@ import json
 
 from fvar_core import fashion_mnist as fm
 from fvar_core.checkpoints import load_checkpoint
-from fvar_core.training import complete_checkpoints
+from fvar_core.runs import complete_checkpoints
 
 from .test_fashion_mnist import REAL, needs_real
 

@@ -13,7 +13,8 @@ from fvar_cli.app import GROUP, build_app, run
 from fvar_core.data import ImageFolderDataset, scan_image_folder, validate
 from fvar_core.errors import UserError
 from fvar_core.presets import load_preset
-from fvar_core.shards import ShardWriter, TokenShards, shard_name, tokenize_dataset, weights_sha256
+from fvar_core.hashing import tensors_sha256
+from fvar_core.shards import ShardWriter, TokenShards, shard_name, tokenize_dataset
 from fvar_core.tokenizer import Tokenizer
 
 from .test_data import add_bad_files, make_folder, var_eval_crop
@@ -114,7 +115,7 @@ def test_shards_decode_to_exactly_the_tokenizers_own_reconstruction(tmp_path, fo
     stats = tokenize_dataset(tok, preset, ds, tmp_path / "s", batch_size=4, shard_size=5)
     assert stats.images == 9 and stats.items == 9 and stats.shards_written == 2 and not stats.skipped
     shards = TokenShards(tmp_path / "s")
-    assert len(shards) == 9 and shards.manifest["tokenizer"]["sha256"] == weights_sha256(tok)
+    assert len(shards) == 9 and shards.manifest["tokenizer"]["sha256"] == tensors_sha256(tok)
     for i in range(len(shards)):
         structure, alias, label = shards[i]
         x = var_eval_crop(ds.index.files[i], 64)[None]           # the image, cropped independently
@@ -246,7 +247,7 @@ def test_cli_tokenize_writes_shards_reports_throughput_and_skips(tmp_path, folde
     assert "notes.jpg" in err
     shards = TokenShards(tmp_path / "s")
     assert len(shards) == 18
-    assert shards.manifest["tokenizer"] == {"path": str((tmp_path / "tok").resolve()), "sha256": weights_sha256(tok)}
+    assert shards.manifest["tokenizer"] == {"path": str((tmp_path / "tok").resolve()), "sha256": tensors_sha256(tok)}
     assert json.loads((tmp_path / "s" / "classes.json").read_text())["classes"] == ["gradient", "shapes", "strokes"]
     assert run(app, argv) == 0  # a rerun keeps everything
     assert "2 kept from an earlier run" in capsys.readouterr().out

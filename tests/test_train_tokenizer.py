@@ -10,7 +10,7 @@ import torch
 from fvar_core.presets import load_preset
 from fvar_core.schedules import radii
 from fvar_core.tokenizer_training import TokenizerTask, train_tokenizer
-from fvar_core.training import complete_checkpoints
+from fvar_core.runs import complete_checkpoints
 
 from .helpers import kill_at_step, make_folder
 

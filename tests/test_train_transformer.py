@@ -21,7 +21,7 @@ from fvar_core.runs import find_tokenizer
 from fvar_core.shards import tokenize_dataset
 from fvar_core.tokenizer import Tokenizer
 from fvar_core.transformer import VAR
-from fvar_core.training import complete_checkpoints
+from fvar_core.runs import complete_checkpoints
 
 from .helpers import kill_at_step, make_folder
 

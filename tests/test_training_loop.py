@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from fvar_core import checkpoints as ckpt_mod
 from fvar_core.errors import UserError
 from fvar_core.presets import load_preset
-from fvar_core.training import LoopSettings, complete_checkpoints, fit
+from fvar_core.runs import complete_checkpoints
+from fvar_core.training import fit
 
 
 class ToyData(torch.utils.data.Dataset):
@@ -39,8 +40,11 @@ class ToyTask:
     """A linear model with dropout (consumes the torch RNG every step) and a counter in extra state."""
 
     kind = "var"
+    mode = "train"
 
-    def __init__(self, nan_at: int | None = None):
+    def __init__(self, nan_at: int | None = None, preset=None):
+        self.preset = preset
+        self.loop_config = preset.tokenizer_train if preset is not None else None
         self.nan_at = nan_at
         self.calls = 0
 
@@ -87,15 +91,17 @@ def _preset(steps=6, **kw):
 
 def _run(run_dir, preset, task=None):
     task = task or ToyTask()
-    res = fit(task, ToyData(), run_dir, preset.tokenizer_train, preset, "train", device="cpu", num_workers=0)
+    task.preset, task.loop_config = preset, preset.tokenizer_train
+    res = fit(task, ToyData(), run_dir, device="cpu", num_workers=0)
     return task, res
 
 
 def test_settings_schedule_warmup_then_constant_for_tokenizer_and_lin0_for_train():
     p = load_preset("tiny-64")
-    s = LoopSettings.from_config(p.tokenizer_train)
-    assert s.schedule == "constant" and s.lr_at(10_000) == s.peak_lr
-    t = LoopSettings.from_config(p.train.model_copy(update={"steps": 1000, "warmup_frac": 0.1}))
+    s = p.tokenizer_train
+    assert s.lr_schedule == "constant" and s.lr_at(10_000) == s.peak_lr == s.lr
+    assert s.warmup_steps == min(round(0.01 * s.steps), 1000) and s.lr_at(0) == pytest.approx(0.1 * s.lr)
+    t = p.train.model_copy(update={"steps": 1000, "warmup_frac": 0.1})
     assert t.peak_lr == pytest.approx(p.train.lr * p.train.batch_size / 256)
     assert t.lr_at(0) == pytest.approx(t.peak_lr * p.train.warmup_start)
     assert t.lr_at(120) == pytest.approx(t.peak_lr)              # flat 5% after warm-up

@@ -1,7 +1,6 @@
 """`fvar experiment ablation|alias-audit`: the paper's ablation at small scale, and the alias path's audit."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import List, Optional
 
