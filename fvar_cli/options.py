@@ -34,6 +34,19 @@ def _writable(folder: bool):
     return check
 
 
+def _device(ctx: typer.Context, param: typer.CallbackParam, value: Optional[str]) -> Optional[str]:
+    if value is None or ctx.resilient_parsing:
+        return value
+    from fvar_core.devices import pick_device
+
+    return str(pick_device(value))  # a device that is not there: one line, exit 2, before any work
+
+
+DeviceOption = typer.Option(
+    "auto", "--device", callback=_device,
+    help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps; several GPUs: `accelerate launch`.")
+
+
 # Option callbacks for output paths: a path that cannot be written is refused while the command line
 # is parsed — one line, exit 2 — before any work (and before anything is created).
 writable_file = _writable(folder=False)

@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from .checks import check_tokenizer_fits
 from .errors import UserError
 
 PathLike = Union[str, Path]
@@ -46,10 +47,10 @@ def tokenizer_audit(tokenizer: PathLike, images: torch.Tensor, *, overrides: Seq
     `overrides`, e.g. pyramid.noise=false) → per-scale residual energies and codebook usage (see the
     module docstring). The pyramid noise, if on, is drawn from `seed`: the audit is deterministic.
     The image-space residual is the optics alone (no noise)."""
-    from .checkpoints import build_tokenizer, load_checkpoint
+    from .checkpoints import load_checkpoint
+    from .model_loading import build_tokenizer
     from .presets import override_preset
     from .runs import resolve_checkpoint
-    from .transformer_training import check_tokenizer_fits
 
     ck = load_checkpoint(resolve_checkpoint(tokenizer, "--tokenizer"), expect_kind="tokenizer")
     p = override_preset(ck.preset, list(overrides), f"tokenizer {ck.path}'s preset")
@@ -150,7 +151,7 @@ def load_teacher(path: PathLike, device: str = "cpu"):
         p = p / "teacher"
     ck = load_checkpoint(p, expect_kind="teacher")
     pr = ck.preset
-    t = Teacher.from_config(pr.model, pr.teacher, pr.patch_nums, pr.tokenizer.vocab_size, pr.tokenizer.z_channels,
+    t = Teacher(pr.model, pr.teacher, pr.patch_nums, pr.tokenizer.vocab_size, pr.tokenizer.z_channels,
                             pr.tokenizer.alias_tokens)
     load_strict(t, ck.state_dict, f"checkpoint {ck.path}")
     return t.to(device).eval()
@@ -161,7 +162,7 @@ def cross_entropy_report(run: PathLike, shards: PathLike, *, batch_size: int = 1
                          seed: int = 0, device: str = "cpu") -> Dict[str, Any]:
     """Per-scale CE (nats per token) of a run's student on token shards; with a saved teacher also
     the teacher's, with the true and with shuffled alias tokens (same batches, same labels)."""
-    from .sampler import load_models
+    from .sample_loading import load_models
     from .shards import TokenShards
 
     models = load_models(run, device=device)

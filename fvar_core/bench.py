@@ -359,7 +359,7 @@ def bench_train(preset, *, distill: bool = False, batch: int = 64, steps: int = 
                                        "sample_every": 0, "grad_accum": 1})
     p = p.model_copy(update={"train": train})
     torch.manual_seed(0)
-    tok = Tokenizer.from_config(p.tokenizer, p.patch_nums)
+    tok = Tokenizer(p.tokenizer, p.patch_nums)
     data = RandomTokens(batch * (warmup + steps), p.seq_len, p.tokenizer.vocab_size,
                         p.tokenizer.alias_tokens if distill else 0, p.model.num_classes)
     task = VARTask(p, tok, distill=distill, source="tokens")
@@ -418,7 +418,8 @@ def sample_benchmark(*, preset=None, ckpt: Optional[PathLike] = None, tokenizer:
                      top_p: Optional[float] = None) -> Dict[str, Any]:
     """`fvar bench sample`: a preset with random-init weights (no checkpoint needed) or a var
     checkpoint with its tokenizer; the result document (machine, model, settings, results)."""
-    from .sampler import load_models, settings_from
+    from .sample_loading import load_models
+    from .sampler import settings_from
     from .tokenizer import Tokenizer
     from .transformer import VAR
 
@@ -427,8 +428,8 @@ def sample_benchmark(*, preset=None, ckpt: Optional[PathLike] = None, tokenizer:
     if preset is not None:
         p = preset
         torch.manual_seed(0)
-        var = VAR.from_config(p.model, p.patch_nums, p.tokenizer.vocab_size, p.tokenizer.z_channels).to(device).eval()
-        tok = Tokenizer.from_config(p.tokenizer, p.patch_nums).to(device).eval()
+        var = VAR(p.model, p.patch_nums, p.tokenizer.vocab_size, p.tokenizer.z_channels).to(device).eval()
+        tok = Tokenizer(p.tokenizer, p.patch_nums).to(device).eval()
         source: Dict[str, Any] = {"source": "preset (random-init weights)", "preset": p.name}
     else:
         models = load_models(ckpt, tokenizer, device)

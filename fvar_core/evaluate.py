@@ -10,7 +10,7 @@ resize: `features.py`; reference statistics: `refstats.py`.
 
 Checkpoint evaluation generates N = classes × per_class images, class c taking images
 c·per_class … (c+1)·per_class − 1 (VAR's 50 per class for 1000 classes) and image i the seed
-`seed + i`, into a folder via `sampler.generate_to_folder`, which skips finished images — so a
+`seed + i`, into a folder via `sample_outputs.generate_to_folder`, which skips finished images — so a
 killed run resumes. The folder's `generation.json` records what generated it; a rerun with other
 settings or another checkpoint into the same folder is refused rather than mixed.
 """
@@ -224,7 +224,8 @@ def generate_samples(ckpt: PathLike, *, num_samples: int, per_class: int, seed: 
     from .hashing import file_sha256
     from .presets import validate
     from .runs import find_tokenizer, resolve_checkpoint
-    from .sampler import generate_to_folder, settings_from, write_json
+    from .sample_outputs import generate_to_folder, write_json
+    from .sampler import settings_from
 
     ck_dir, cfg = read_checkpoint_config(resolve_checkpoint(ckpt, "--ckpt"))
     if cfg["kind"] != "var":
@@ -299,7 +300,8 @@ def tokenizer_reconstruction(tokenizer: PathLike, data: PathLike, extractor: Opt
     """
     import torch
 
-    from .checkpoints import WEIGHTS_NAME, build_tokenizer, load_checkpoint
+    from .checkpoints import WEIGHTS_NAME, load_checkpoint
+    from .model_loading import build_tokenizer
     from .hashing import file_sha256
     from .data import ImageFolderDataset, scan_image_folder, validate
     from .metrics import RunningStats, psnr, ssim

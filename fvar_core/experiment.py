@@ -364,7 +364,7 @@ def sample_sheet(out: PathLike, path: PathLike, *, seed: int = 0, per_class: int
     import torch
 
     from .images import load_image, save_png
-    from .sampler import make_grid
+    from .sample_outputs import make_grid
 
     out = Path(out)
     rows = [r for r in (rows or ROWS) if (out / "cells" / r / f"seed-{seed}" / "result.json").is_file()]

@@ -174,7 +174,7 @@ def format_table(report: Dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------ the whole evaluation
 def _samples_class_names(folder: Path) -> Optional[List[str]]:
     """The generating run's class names, found through the sample folder's sidecar."""
-    from .sampler import class_names_for
+    from .sample_loading import class_names_for
 
     for side in ("samples.json", "generation.json"):  # both name the checkpoint they came from
         f = folder / side

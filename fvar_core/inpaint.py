@@ -27,6 +27,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from .checks import check_labels
 from .config import PyramidConfig, SampleConfig
 from .errors import UserError
 from .sampler import SampleResult, sample_batch
@@ -286,16 +287,14 @@ def edit_to_dir(models, image_path: PathLike, out_dir: PathLike, *, box: Optiona
     label None = unconditional (the null class)."""
     from .images import load_image, save_png
     from .atomic import ensure_dir
-    from .sampler import write_json
+    from .sample_outputs import write_json
 
     check_edit_request(box=box, mask=mask, outpaint=outpaint, canvas=canvas, fit=fit)
     preset = models.preset
     R, patch = preset.resolution, preset.patch_size
     num_classes = models.var.num_classes
     label = num_classes if label is None else int(label)
-    if not 0 <= label <= num_classes:
-        raise UserError(f"class {label} out of range: the model has {num_classes} classes (0-{num_classes - 1}, "
-                        f"or 'uncond')")
+    check_labels([label], num_classes, "--class", allow_null=True)
     image = load_image(image_path)  # (3, H, W)
     _, H, W = image.shape
     if outpaint:

@@ -179,7 +179,7 @@ def _grid(folder: Path, per_class: int, num_classes: int, cols: int = 10) -> Pat
     import torch
 
     from .images import load_image, save_png
-    from .sampler import make_grid
+    from .sample_outputs import make_grid
 
     rows = []
     for c in range(num_classes):
@@ -193,7 +193,8 @@ def _grid(folder: Path, per_class: int, num_classes: int, cols: int = 10) -> Pat
 def _drawn(out: Path, *, preset, images_per_class, tokenizer_steps, steps, per_class, device, console,
            say) -> QuickstartResult:
     from .presets import load_preset
-    from .sampler import load_models, sample_to_dir
+    from .sample_loading import load_models
+    from .sample_outputs import sample_to_dir
     from .testimages import DRAWN_CLASSES, draw_image_folder
     from .tokenize import tokenize_folder
     from .tokenizer_training import train_tokenizer

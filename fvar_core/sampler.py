@@ -30,19 +30,17 @@ teacher-forced runs match it (tests/test_sampler.py).
 """
 from __future__ import annotations
 
-import json
 import math
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
+from .checks import check_labels
 from .config import SampleConfig
 from .errors import UserError
-from .interrupt import mark_interrupt
 
 PathLike = Union[str, Path]
 # observe(si, guided logits (B, l, V) float32, sampled idx before known-token forcing (B, l))
@@ -196,13 +194,6 @@ def _uniforms(gens: Sequence[torch.Generator], n: int, device) -> torch.Tensor:
     return u.to(device)
 
 
-def _check_labels(labels: torch.Tensor, num_classes: int) -> None:
-    bad = labels[(labels < 0) | (labels > num_classes)]
-    if bad.numel():
-        raise UserError(f"class {int(bad[0])} out of range: the model has {num_classes} classes "
-                        f"(0-{num_classes - 1}, or {num_classes} = unconditional)")
-
-
 @torch.no_grad()
 def sample_batch(var, tokenizer, labels: torch.Tensor, seeds: Sequence[int], settings: SampleConfig, *,
                  known: Optional[Sequence[torch.Tensor]] = None, known_mask: Optional[Sequence[torch.Tensor]] = None,
@@ -224,7 +215,7 @@ def sample_batch(var, tokenizer, labels: torch.Tensor, seeds: Sequence[int], set
     B = labels.numel()
     if len(seeds) != B:
         raise ValueError(f"{len(seeds)} seeds for {B} labels")
-    _check_labels(labels, var.num_classes)
+    check_labels(labels.tolist(), var.num_classes, "labels", allow_null=True)
     gens = _generators(seeds)
     # an all-unconditional batch (inpainting's default) has nothing to guide: its null half would
     # repeat the conditional one
@@ -327,312 +318,3 @@ def sample(var, tokenizer, labels: Sequence[int], seeds: Sequence[int], settings
     tokens = [torch.cat([t[k] for t in toks]) for k in range(K)] if toks else \
         [torch.zeros(0, p * p, dtype=torch.long) for p in var.patch_nums]
     return SampleResult(tokens, torch.cat(imgs) if imgs else None)
-
-
-# ------------------------------------------------------------------------------------------------
-# Checkpoints → models
-# ------------------------------------------------------------------------------------------------
-
-def checkpoint_identity(ckpt) -> Dict[str, Any]:
-    """What names a checkpoint in sidecars: path, weights sha256, preset, step, kind."""
-    from .checkpoints import WEIGHTS_NAME
-    from .hashing import file_sha256
-
-    return {"path": str(Path(ckpt.path).resolve()), "kind": ckpt.kind,
-            "sha256": file_sha256(Path(ckpt.path) / WEIGHTS_NAME), "preset": ckpt.preset.name,
-            "step": ckpt.provenance.get("step")}
-
-
-@dataclass
-class Models:
-    """A transformer with the tokenizer that decodes it, on one device, in eval mode."""
-
-    var: Any
-    tokenizer: Any
-    var_ckpt: Any  # checkpoints.Checkpoint (state_dict dropped)
-    tok_ckpt: Any
-    device: torch.device
-    identity: Dict[str, Any] = field(default_factory=dict)  # {"checkpoint": ..., "tokenizer": ...}
-
-    @property
-    def preset(self):
-        return self.var_ckpt.preset
-
-
-def check_pair(var_preset, tok_preset, var_path, tok_path) -> None:
-    """The tokenizer must speak the transformer's tokens: same scales, vocabulary and latent width."""
-    problems = []
-    if tuple(var_preset.patch_nums) != tuple(tok_preset.patch_nums):
-        problems.append(f"patch_nums {list(var_preset.patch_nums)} vs {list(tok_preset.patch_nums)}")
-    for f in ("vocab_size", "z_channels"):
-        a, b = getattr(var_preset.tokenizer, f), getattr(tok_preset.tokenizer, f)
-        if a != b:
-            problems.append(f"{f} {a} vs {b}")
-    if problems:
-        raise UserError(f"tokenizer {tok_path} does not fit transformer {var_path}: " + "; ".join(problems))
-
-
-def load_models(var_ckpt: PathLike, tokenizer: Optional[PathLike] = None, device=None) -> Models:
-    """Load a var checkpoint (or run directory) and its tokenizer (runs.find_tokenizer's rule, or
-    `tokenizer`), check they fit, move both to `device` (default: CUDA if available) in eval mode."""
-    from .checkpoints import build_tokenizer, build_var, load_checkpoint
-    from .devices import pick_device
-    from .runs import find_tokenizer, resolve_checkpoint
-
-    dev = device if isinstance(device, torch.device) else pick_device(device or "auto")
-    ck = load_checkpoint(resolve_checkpoint(var_ckpt, "--ckpt"), expect_kind="var")
-    tok_path = find_tokenizer(ck.path, ck.provenance, tokenizer)
-    tk = load_checkpoint(tok_path, expect_kind="tokenizer")
-    check_pair(ck.preset, tk.preset, ck.path, tk.path)
-    var = build_var(ck).to(dev).eval()
-    tok = build_tokenizer(tk).to(dev).eval()
-    identity = {"checkpoint": checkpoint_identity(ck), "tokenizer": checkpoint_identity(tk)}
-    ck.state_dict, tk.state_dict = {}, {}  # the models hold the weights now
-    return Models(var, tok, ck, tk, dev, identity)
-
-
-# ------------------------------------------------------------------------------------------------
-# Class names
-# ------------------------------------------------------------------------------------------------
-
-CLASS_INDEX_NAME = "classes.json"
-
-
-def class_names_for(ckpt_dir: PathLike) -> Optional[List[str]]:
-    """The run's class names: `classes.json` in the checkpoint directory, else in its run directory
-    (two levels up: <run>/checkpoints/step-N); None when neither has one."""
-    from .data import read_class_index
-
-    d = Path(ckpt_dir)
-    for cand in (d / CLASS_INDEX_NAME, d.parent.parent / CLASS_INDEX_NAME):
-        if cand.is_file():
-            return read_class_index(cand)
-    return None
-
-
-def parse_classes(spec: str, num_classes: int) -> List[int]:
-    """'207', '1,207,388', '0-9', '0-3,7' or 'uncond' (the null class) → class ids, in order."""
-    out: List[int] = []
-    for part in (p.strip() for p in str(spec).split(",")):
-        if part.lower() in ("uncond", "null", "none"):
-            out.append(num_classes)
-            continue
-        m = re.fullmatch(r"(\d+)\s*-\s*(\d+)", part) or re.fullmatch(r"(\d+)", part)
-        if not m:
-            raise UserError(f"--class {spec!r}: expected ids like 207, 1,207,388 or 0-9 (or 'uncond')")
-        lo = int(m.group(1))
-        hi = int(m.group(2)) if m.lastindex == 2 else lo
-        if hi < lo:
-            raise UserError(f"--class {part}: empty range")
-        if hi >= num_classes:
-            raise UserError(f"class {hi} out of range: the model has {num_classes} classes "
-                            f"(0-{num_classes - 1}, or 'uncond')")
-        out.extend(range(lo, hi + 1))
-    if not out:
-        raise UserError("--class: no class given")
-    return out
-
-
-def slug(name: str, limit: int = 40) -> str:
-    """A file-name-safe form of a class name ('tench, Tinca tinca' → 'tench-Tinca-tinca')."""
-    s = re.sub(r"[^A-Za-z0-9_]+", "-", name).strip("-")
-    return s[:limit].rstrip("-") or "class"
-
-
-# ------------------------------------------------------------------------------------------------
-# Grids and token files
-# ------------------------------------------------------------------------------------------------
-
-def make_grid(images: torch.Tensor, cols: int, pad: int = 2, fill: float = 1.0) -> torch.Tensor:
-    """(N, 3, H, W) → (3, rows·(H+pad)+pad, cols·(W+pad)+pad), row-major, white padding."""
-    N, C, H, W = images.shape
-    cols = max(1, min(cols, N))
-    rows = math.ceil(N / cols)
-    grid = torch.full((C, rows * (H + pad) + pad, cols * (W + pad) + pad), fill, dtype=images.dtype)
-    for i in range(N):
-        r, c = divmod(i, cols)
-        y, x = pad + r * (H + pad), pad + c * (W + pad)
-        grid[:, y:y + H, x:x + W] = images[i]
-    return grid
-
-
-def save_tokens(path: PathLike, tokens: Sequence[torch.Tensor], labels: Sequence[int], seeds: Sequence[int],
-                patch_nums: Sequence[int]) -> None:
-    """Per-scale tokens as .npz (atomically): tokens_k (N, pn_k²) int64, labels, seeds, patch_nums."""
-    import io
-
-    import numpy as np
-
-    from .atomic import atomic_write_bytes
-
-    arrays = {f"tokens_{k}": t.cpu().numpy().astype(np.int64) for k, t in enumerate(tokens)}
-    arrays.update(labels=np.asarray(labels, dtype=np.int64), seeds=np.asarray(seeds, dtype=np.int64),
-                  patch_nums=np.asarray(patch_nums, dtype=np.int64))
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    atomic_write_bytes(Path(path), buf.getvalue())
-
-
-def write_json(path: PathLike, doc: Dict[str, Any]) -> None:
-    from .atomic import atomic_write_bytes
-
-    atomic_write_bytes(Path(path), (json.dumps(doc, indent=2) + "\n").encode())
-
-
-# ------------------------------------------------------------------------------------------------
-# Resumable folder generation (fvar eval)
-# ------------------------------------------------------------------------------------------------
-
-def progress_bar(total: int, initial: int = 0, enabled: bool = True):
-    """(update(done), close()) over a rich bar on stderr, or no-ops."""
-    if not enabled:
-        return (lambda done: None), (lambda: None)
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-        TimeRemainingColumn
-
-    bar = Progress(TextColumn("sampling"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TimeRemainingColumn(), console=Console(stderr=True), transient=True)
-    task = bar.add_task("sampling", total=total, completed=initial)
-    bar.start()
-    return (lambda done: bar.update(task, completed=done)), bar.stop
-
-
-def generate_to_folder(var_ckpt: Path, out_dir: Path, labels: Sequence[int], seeds: Sequence[int],
-                       settings: SampleConfig, *, batch_size: int = 32, tokenizer: Optional[Path] = None,
-                       device: Optional[str] = None, progress: bool = True) -> List[Path]:
-    """Image i (label labels[i], seed seeds[i]) → out_dir/{i:06d}.png, written atomically.
-
-    Images already present are skipped, so a killed run resumes where it stopped (a PNG exists
-    only once complete). Models are loaded only if something is missing. Returns all N paths."""
-    out_dir = Path(out_dir)
-    labels, seeds = [int(x) for x in labels], [int(x) for x in seeds]
-    if len(labels) != len(seeds):
-        raise UserError(f"{len(labels)} labels but {len(seeds)} seeds")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / f"{i:06d}.png" for i in range(len(labels))]
-    todo = [i for i, p in enumerate(paths) if not p.is_file()]
-    if not todo:
-        return paths
-    from .images import save_png
-
-    models = load_models(var_ckpt, tokenizer, device)
-    _check_labels(torch.as_tensor(labels), models.var.num_classes)
-    step = max(1, int(batch_size))
-    update, close = progress_bar(len(paths), len(paths) - len(todo), progress)
-    try:
-        done = len(paths) - len(todo)
-        for s in range(0, len(todo), step):
-            part = todo[s:s + step]
-            res = sample(models.var, models.tokenizer, [labels[i] for i in part], [seeds[i] for i in part],
-                         settings, batch_size=step)
-            for i, img in zip(part, res.images):
-                save_png(img, paths[i])
-            done += len(part)
-            update(done)
-    except KeyboardInterrupt as e:
-        mark_interrupt(e, f"after {done} of {len(paths)} images in {out_dir} (finished images are kept and skipped "
-                          f"on a rerun)")
-        raise
-    finally:
-        close()
-    return paths
-
-
-# ------------------------------------------------------------------------------------------------
-# `fvar sample`: a folder of images, a grid, a sidecar
-# ------------------------------------------------------------------------------------------------
-
-SEED_RULE = "image i (0-based, classes in the order given, n per class) has seed seed + i"
-
-
-@dataclass
-class SampleRun:
-    """What `sample_to_dir` wrote."""
-
-    out: Path
-    files: List[Path]
-    grid: Path
-    sidecar: Path
-    tokens: Optional[Path]
-    seconds: float
-
-
-def _class_label(c: int, num_classes: int, names: Optional[List[str]]) -> tuple[str, Optional[str]]:
-    """(file-name part, class name or None) of class id c."""
-    if c == num_classes:
-        return "uncond", None
-    name = names[c] if names is not None and c < len(names) else None
-    return (f"class{c:04d}-{slug(name)}" if name else f"class{c:04d}"), name
-
-
-GRID_MAX = 256  # grid.png shows at most this many images (the first ones)
-
-
-def sample_to_dir(models: Models, classes: Sequence[int], n: int, seed: int, settings: SampleConfig,
-                  out_dir: PathLike, *, batch_size: Optional[int] = None, tokens_file: Optional[PathLike] = None,
-                  progress: Optional[Callable[[int, int], None]] = None) -> SampleRun:
-    """n images of each class → out_dir: one PNG per image (written as each chunk is done, so
-    memory does not grow with N and a kill keeps the finished ones), grid.png (the first
-    GRID_MAX; one row per class when n ≤ 16), samples.json (every setting, checkpoint and
-    tokenizer identity, per-image class and seed), and optionally the per-scale tokens as .npz.
-    Seeds: SEED_RULE. Output paths are checked before anything is sampled."""
-    import time
-
-    from .atomic import ensure_dir
-    from .images import save_png
-
-    out_dir = ensure_dir(Path(out_dir), "--out")
-    tok_path = Path(tokens_file) if tokens_file is not None else None
-    if tok_path is not None:
-        if tok_path.is_dir():
-            raise UserError(f"--save-tokens {tok_path} is a folder; give the .npz file to write")
-        ensure_dir(tok_path.parent, "--save-tokens folder")
-    num_classes = models.var.num_classes
-    names = class_names_for(models.var_ckpt.path)
-    labels = [int(c) for c in classes for _ in range(n)]
-    seeds = [seed + i for i in range(len(labels))]
-    if seeds and seeds[-1] >= 2 ** 63:
-        raise UserError(f"--seed {seed}: seed + {len(labels) - 1} exceeds 2^63 - 1")
-    _check_labels(torch.as_tensor(labels), num_classes)
-
-    chunk = max(1, int(batch_size or settings.batch_size))
-    files, entries, token_parts, shown = [], [], [], []
-    t0 = time.perf_counter()
-    try:
-        for lo in range(0, len(labels), chunk):
-            hi = min(len(labels), lo + chunk)
-            res = sample(models.var, models.tokenizer, labels[lo:hi], seeds[lo:hi], settings, batch_size=chunk)
-            for i, img in zip(range(lo, hi), res.images):
-                part, name = _class_label(labels[i], num_classes, names)
-                path = out_dir / f"{i:04d}-{part}.png"
-                save_png(img, path)
-                files.append(path)
-                entries.append({"file": path.name, "index": i, "class": labels[i], "class_name": name,
-                                "unconditional": labels[i] == num_classes, "seed": seeds[i]})
-            token_parts.append(res.tokens)
-            shown.extend(res.images[:max(0, GRID_MAX - len(shown))])
-            if progress is not None:
-                progress(hi, len(labels))
-    except KeyboardInterrupt as e:
-        mark_interrupt(e, f"after {len(files)} of {len(labels)} images in {out_dir} (a rerun draws them again, "
-                          f"identically: every image has its own seed)")
-        raise
-    seconds = time.perf_counter() - t0
-
-    cols = n if (len(classes) > 1 and n <= 16) else math.ceil(math.sqrt(len(shown)))
-    grid = out_dir / "grid.png"
-    save_png(make_grid(torch.stack(shown), cols), grid)
-    if tok_path is not None:
-        tokens = [torch.cat([t[k] for t in token_parts]) for k in range(len(models.var.patch_nums))]
-        save_tokens(tok_path, tokens, labels, seeds, models.var.patch_nums)
-    sidecar = out_dir / "samples.json"
-    write_json(sidecar, {
-        "format": "fvar-samples", "version": 1,
-        "checkpoint": models.identity["checkpoint"], "tokenizer": models.identity["tokenizer"],
-        "settings": {**settings.model_dump(mode="json"), "seed": seed, "n_per_class": n,
-                     "classes": [int(c) for c in classes], "batch_size": chunk, "device": str(models.device)},
-        "seed_rule": SEED_RULE, "resolution": models.preset.resolution,
-        "patch_nums": list(models.var.patch_nums), "grid": grid.name, "grid_images": len(shown),
-        "tokens": str(tok_path) if tok_path else None, "seconds": round(seconds, 3), "images": entries})
-    return SampleRun(out_dir, files, grid, sidecar, tok_path, seconds)

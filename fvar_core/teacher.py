@@ -80,11 +80,6 @@ class Teacher(nn.Module):
         self.init_alias_weights()
 
     @classmethod
-    def from_config(cls, model_cfg: ModelConfig, teacher_cfg: TeacherConfig, patch_nums: Sequence[int],
-                    vocab_size: int, z_channels: int, alias_vocab_size: int, attn_backend: str = "auto") -> "Teacher":
-        return cls(model_cfg, teacher_cfg, patch_nums, vocab_size, z_channels, alias_vocab_size, attn_backend)
-
-    @classmethod
     def from_student(cls, student: VAR, teacher_cfg: TeacherConfig, alias_vocab_size: int) -> "Teacher":
         """A teacher whose VAR weights are a copy of the student's (closed gates: same logits)."""
         teacher = cls(student.cfg, teacher_cfg, student.patch_nums, student.vocab_size, student.z_channels,

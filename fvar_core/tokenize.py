@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 from .atomic import check_writable, ensure_dir
-from .checkpoints import build_tokenizer, load_checkpoint
+from .checkpoints import load_checkpoint
+from .model_loading import build_tokenizer
 from .data import SKIPPED_FILES, FolderIndex, ImageFolderDataset, scan_image_folder, validate, write_skipped
 from .devices import pick_device
 from .interrupt import on_interrupt
@@ -21,7 +22,7 @@ from .presets import override_preset
 from .runlock import RunLock
 from .runs import resolve_checkpoint
 from .shards import MANIFEST, TokenizeStats, tokenize_dataset
-from .transformer_training import check_tokenizer_fits
+from .checks import check_tokenizer_fits
 
 PathLike = Union[str, Path]
 Progress = Callable[[int, int], None]

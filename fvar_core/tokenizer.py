@@ -6,7 +6,8 @@ post_quant_conv, decoder) plus FVAR's focus encoding (DESIGN §5), and official-
 
 With `kernel: area` and no alias codebook this is VAR's VQ-VAE bit for bit; its `state_dict()`
 (minus the alias codebook) is the official 324-key set, so `vae_ch160v4096z32.pth` loads through
-`load_official_state_dict` and our weights export through `official_state_dict`.
+`Tokenizer.load_official_state_dict` and our weights export through `Tokenizer.official_state_dict`
+(the same two methods as `VAR`'s).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from .config import PyramidConfig, TokenizerConfig
+from .checkpoints import key_diff, list_keys
 from .errors import UserError
 from .pyramid import focus_images
 from .quantizer import ALIAS_EMBEDDING_KEY, FocusTokens, MultiScaleQuantizer, VQOutput
@@ -43,10 +45,6 @@ class Tokenizer(nn.Module):
         Cz = cfg.z_channels
         self.quant_conv = nn.Conv2d(Cz, Cz, kernel_size=3, stride=1, padding=1)
         self.post_quant_conv = nn.Conv2d(Cz, Cz, kernel_size=3, stride=1, padding=1)
-
-    @classmethod
-    def from_config(cls, tok_cfg: TokenizerConfig, patch_nums: Sequence[int]) -> "Tokenizer":
-        return cls(tok_cfg, patch_nums)
 
     @property
     def resolution(self) -> int:
@@ -155,46 +153,31 @@ class Tokenizer(nn.Module):
         vq: VQOutput = self.quantize(f, f_focus)
         return self.decoder(self.post_quant_conv(vq.f_hat)), vq
 
+    # --- official checkpoints (the same two methods as VAR's) ---
+    def official_state_dict(self) -> Dict[str, torch.Tensor]:
+        """The weights under the official VQVAE keys only (no alias codebook), in the official
+        order: what `VQVAE.load_state_dict(..., strict=True)` accepts (324 keys at ch=160)."""
+        return {k: v.detach().clone() for k, v in self.state_dict().items() if k not in EXTENSION_KEYS}
 
-# ---------------------------------------------------------------------------------- interop
-def official_state_dict(tokenizer: Tokenizer) -> Dict[str, torch.Tensor]:
-    """The tokenizer's weights under the official VQVAE keys only (no alias codebook), in the
-    official order: what `VQVAE.load_state_dict(..., strict=True)` accepts (324 keys at ch=160)."""
-    return {k: v.detach().clone() for k, v in tokenizer.state_dict().items() if k not in EXTENSION_KEYS}
+    def load_official_state_dict(self, sd: Mapping[str, torch.Tensor]) -> None:
+        """Load an official-format VQVAE state dict (e.g. `vae_ch160v4096z32.pth`).
 
-
-def _fmt(keys: Sequence[str], limit: int = 6) -> str:
-    keys = list(keys)
-    shown = ", ".join(keys[:limit])
-    return shown + (f", … ({len(keys) - limit} more)" if len(keys) > limit else "")
-
-
-def load_official_state_dict(tokenizer: Tokenizer, sd: Mapping[str, torch.Tensor]) -> None:
-    """Load an official-format VQVAE state dict (e.g. `vae_ch160v4096z32.pth`) into the tokenizer.
-
-    Strict on the official keys: a missing, unexpected or mis-shaped key raises a UserError that
-    lists them. Like the official loader, `quantize.ema_vocab_hit_SV` is replaced by the model's
-    own buffer when the number of scales differs (e.g. the 14-scale 1024px schedule). The alias
-    codebook (not in the official format) keeps its current values.
-    """
-    own = tokenizer.state_dict()
-    expected = {k: v for k, v in own.items() if k not in EXTENSION_KEYS}
-    sd = dict(sd)
-    if EMA_KEY in sd and EMA_KEY in own and sd[EMA_KEY].ndim == 2 and sd[EMA_KEY].shape[0] != own[EMA_KEY].shape[0]:
-        sd[EMA_KEY] = own[EMA_KEY]
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    mismatched = [f"{k} {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}"
-                  for k in expected if k in sd and tuple(sd[k].shape) != tuple(expected[k].shape)]
-    problems = []
-    if mismatched:
-        problems.append(f"shape mismatch: {_fmt(mismatched)}")
-    if missing:
-        problems.append(f"missing keys: {_fmt(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {_fmt(unexpected)}")
-    if problems:
-        cfg = tokenizer.cfg
-        raise UserError(f"checkpoint does not fit the tokenizer (V={cfg.vocab_size}, z={cfg.z_channels}, "
-                        f"ch={cfg.ch}, {len(tokenizer.patch_nums)} scales): " + "; ".join(problems))
-    tokenizer.load_state_dict({**own, **sd}, strict=True)
+        Strict on the official keys: a missing, unexpected or mis-shaped key raises a UserError that
+        lists them. Like the official loader, `quantize.ema_vocab_hit_SV` is replaced by the model's
+        own buffer when the number of scales differs (e.g. the 14-scale 1024px schedule). The alias
+        codebook (not in the official format) keeps its current values.
+        """
+        own = self.state_dict()
+        expected = {k: v for k, v in own.items() if k not in EXTENSION_KEYS}
+        sd = dict(sd)
+        if EMA_KEY in sd and EMA_KEY in own and sd[EMA_KEY].ndim == 2 and sd[EMA_KEY].shape[0] != own[EMA_KEY].shape[0]:
+            sd[EMA_KEY] = own[EMA_KEY]
+        diff = key_diff(expected, sd)
+        problems = [f"{what}: {list_keys(keys)}" for what, keys in
+                    (("shape mismatch", diff.mismatched), ("missing keys", diff.missing),
+                     ("unexpected keys", diff.unexpected)) if keys]
+        if problems:
+            cfg = self.cfg
+            raise UserError(f"checkpoint does not fit the tokenizer (V={cfg.vocab_size}, z={cfg.z_channels}, "
+                            f"ch={cfg.ch}, {len(self.patch_nums)} scales): " + "; ".join(problems))
+        self.load_state_dict({**own, **sd}, strict=True)

@@ -37,7 +37,7 @@ from .config import Preset
 from .errors import UserError
 from .pyramid import focus_images
 from .schedules import radii
-from .tokenizer import EXTENSION_KEYS, Tokenizer, load_official_state_dict
+from .tokenizer import EXTENSION_KEYS,  Tokenizer
 
 ALIAS_PARAM = "quantize.alias_embedding.weight"
 DISCRIMINATOR_FILE = "discriminator.safetensors"
@@ -137,7 +137,7 @@ class TokenizerTask:
 
             ck = load_checkpoint(resolve_checkpoint(self.init_from, "--init-from"), expect_kind="tokenizer")
             sd = {k: v for k, v in ck.state_dict.items() if k not in EXTENSION_KEYS}
-            load_official_state_dict(tok, sd)
+            tok.load_official_state_dict(sd)
             for name, p in tok.named_parameters():
                 p.requires_grad_(name == ALIAS_PARAM)
         self.tok = tok

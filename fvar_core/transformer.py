@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fvar_core.config import ModelConfig
+from fvar_core.checkpoints import key_diff, list_keys
 from fvar_core.errors import UserError
 
 try:  # FlexAttention: torch >= 2.5
@@ -340,11 +341,6 @@ class VAR(nn.Module):
         self.activation_checkpointing = False
         self.init_weights()
 
-    @classmethod
-    def from_config(cls, model_cfg: ModelConfig, patch_nums: Sequence[int], vocab_size: int,
-                    z_channels: int, attn_backend: str = "auto") -> "VAR":
-        return cls(model_cfg, patch_nums, vocab_size, z_channels, attn_backend)
-
     # --- initialisation: VAR's init_weights (var-facts §2.6), the only place weights are set ---
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -494,14 +490,11 @@ class VAR(nn.Module):
         """Strictly load an official VAR state dict; UserError naming missing / unexpected / mismatched
         keys. Derived buffers must equal what this model computes (same patch_nums)."""
         own = self.state_dict()
-        missing = [k for k in own if k not in state_dict]
-        unexpected = [k for k in state_dict if k not in own]
-        mismatched = [f"{k} {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
-                      for k in own if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
-        if missing or unexpected or mismatched:
-            parts = [f"{name} ({len(ks)}): {_short(ks)}" for name, ks in
-                     (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched))
-                     if ks]
+        diff = key_diff(own, state_dict)
+        if diff:
+            parts = [f"{name} ({len(ks)}): {list_keys(ks)}" for name, ks in
+                     (("missing keys", diff.missing), ("unexpected keys", diff.unexpected),
+                      ("shape mismatches", diff.mismatched)) if ks]
             raise UserError("VAR state dict does not fit this model (depth/width/patch_nums/vocab?): "
                             + "; ".join(parts))
         for k in own:
@@ -509,7 +502,3 @@ class VAR(nn.Module):
                 raise UserError(f"VAR state dict entry {k} differs from the one this model computes from "
                                 f"patch_nums {list(self.patch_nums)}")
         self.load_state_dict(state_dict, strict=True)
-
-
-def _short(keys: list, n: int = 6) -> str:
-    return ", ".join(keys[:n]) + (f", ... (+{len(keys) - n} more)" if len(keys) > n else "")

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .checks import check_labels, check_tokenizer_fits
 from .config import Preset
 from .errors import UserError
 
@@ -36,6 +37,7 @@ NO_DECAY_NAMES = ("cls_token", "start_token", "task_token", "cfg_uncond", "pos_e
 # The teacher's own positions/levels follow the same rule.
 NO_DECAY_NAMES_TEACHER = ("alias_pos_1LC", "alias_lvl_embed")
 TOKENIZER_DIR = "tokenizer"
+_MORE_CLASSES = "use a preset with more classes (--set model.num_classes=N)"
 TEACHER_DIR = "teacher"
 
 
@@ -94,20 +96,6 @@ class StudentTeacher(nn.Module):
         return s_logits, s_feats, t_logits, t_feats
 
 
-def check_tokenizer_fits(preset: Preset, tok_preset: Preset, where: str, hint: Optional[str] = None) -> None:
-    """The tokenizer a run trains on must be the one its preset describes (codebooks, latent,
-    scales); a one-line UserError naming the first field that differs (then `hint`, or how to
-    pick the right preset)."""
-    pairs = [("resolution", preset.resolution, tok_preset.resolution),
-             ("patch_nums", list(preset.patch_nums), list(tok_preset.patch_nums))]
-    a, b = preset.tokenizer.model_dump(), tok_preset.tokenizer.model_dump()
-    pairs += [(f"tokenizer.{k}", a[k], b.get(k)) for k in a]
-    for name, mine, theirs in pairs:
-        if mine != theirs:
-            raise UserError(f"{where} does not fit preset {preset.name}: {name} is {theirs} there, {mine} in the "
-                            f"preset ({hint or f'choose the preset the tokenizer was made with, or --set {name}=...'})")
-
-
 def check_shards_fit(preset: Preset, shards: Any, distill: bool) -> None:
     """Vocabulary, scales and classes of token shards against the preset (one line each)."""
     m = shards.manifest
@@ -133,16 +121,7 @@ def check_shards_fit(preset: Preset, shards: Any, distill: bool) -> None:
     if distill and not shards.has_alias:
         raise UserError(f"{where} hold no alias tokens: distillation needs a tokenizer with an alias codebook")
     labels = shards.labels()
-    check_labels(labels, preset, where)
-
-
-def check_labels(labels: Union[np.ndarray, Sequence[int]], preset: Preset, where: str) -> None:
-    labels = np.asarray(labels)
-    n = preset.model.num_classes
-    if len(labels) and (int(labels.max()) >= n or int(labels.min()) < 0):
-        bad = int(labels.max()) if int(labels.max()) >= n else int(labels.min())
-        raise UserError(f"{where} have class index {bad}, but preset {preset.name} has {n} classes (0–{n - 1}); "
-                        f"use a preset with model.num_classes ≥ {int(labels.max()) + 1} (--set model.num_classes=…)")
+    check_labels(labels, preset.model.num_classes, where, owner=f"preset {preset.name}", hint=_MORE_CLASSES)
 
 
 # -------------------------------------------------------------------------------------- the task
@@ -177,7 +156,7 @@ class VARTask:
         from .transformer import VAR
 
         p = self.preset
-        student = VAR.from_config(p.model, p.patch_nums, p.tokenizer.vocab_size, p.tokenizer.z_channels)
+        student = VAR(p.model, p.patch_nums, p.tokenizer.vocab_size, p.tokenizer.z_channels)
         student.activation_checkpointing = self.cfg.activation_checkpointing
         self.student = student
         if not self.distill:
@@ -349,7 +328,8 @@ def train_transformer(preset: Preset, run_dir: Union[str, Path], *, distill: boo
     """`fvar train` / `fvar distill`: check every input against the preset, then train (or resume)
     in run_dir. Exactly one of `tokens` (shards) and `data` (image folder, needs `tokenizer`);
     resuming on other data needs allow_data_change."""
-    from .checkpoints import build_tokenizer, load_checkpoint
+    from .checkpoints import load_checkpoint
+    from .model_loading import build_tokenizer
     from .runs import resolve_checkpoint
     from .data import SKIPPED_FILES, write_class_index, write_skipped
     from .runs import check_run_dir, data_identity
@@ -380,7 +360,8 @@ def train_transformer(preset: Preset, run_dir: Union[str, Path], *, distill: boo
         tok_path = resolve_checkpoint(tokenizer, "--tokenizer")
         index = scan_image_folder(data)
         good, bad = validate(index)
-        check_labels(range(len(good.classes)), preset, f"image folder {data} (classes)")
+        check_labels(range(len(good.classes)), preset.model.num_classes, f"image folder {data} (classes)",
+                     owner=f"preset {preset.name}", hint=_MORE_CLASSES)
         notes.append(f"data: {data}: {len(good)} images in {len(good.classes)} classes")
         if bad:
             notes.append(validation_report(bad, len(index), listed_in=run_dir / SKIPPED_FILES))

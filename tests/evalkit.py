@@ -81,9 +81,9 @@ def tiny_var_checkpoint(factory) -> Path:
 
         preset = load_preset("tiny-64")
         torch.manual_seed(0)
-        var = VAR.from_config(preset.model, preset.patch_nums, preset.tokenizer.vocab_size,
+        var = VAR(preset.model, preset.patch_nums, preset.tokenizer.vocab_size,
                               preset.tokenizer.z_channels)
-        tok = Tokenizer.from_config(preset.tokenizer, preset.patch_nums)
+        tok = Tokenizer(preset.tokenizer, preset.patch_nums)
         ck = factory.mktemp("evalckpt") / "var-tiny"
         save_checkpoint(ck, kind="var", preset=preset, state_dict=var.state_dict(), provenance={"step": 3})
         save_checkpoint(ck / "tokenizer", kind="tokenizer", preset=preset, state_dict=tok.state_dict())

@@ -71,8 +71,8 @@ def test_cfg_zero_counts_half_the_transformer_flops():
     from fvar_core.transformer import VAR
 
     p = load_preset("tiny-32")
-    var = VAR.from_config(p.model, p.patch_nums, p.tokenizer.vocab_size, p.tokenizer.z_channels).eval()
-    tok = Tokenizer.from_config(p.tokenizer, p.patch_nums).eval()
+    var = VAR(p.model, p.patch_nums, p.tokenizer.vocab_size, p.tokenizer.z_channels).eval()
+    tok = Tokenizer(p.tokenizer, p.patch_nums).eval()
     kw = dict(batch=1, steps=1, warmup=0)
     on = bench_sample(var, tok, SampleConfig(cfg=1.5), **kw)["gflop_per_img"]
     off = bench_sample(var, tok, SampleConfig(cfg=0.0), **kw)["gflop_per_img"]

@@ -27,7 +27,7 @@ def var_flops_closed_form(p, backward: bool) -> int:
 def test_var_flop_count_matches_the_closed_form(backward):
     p = load_preset("tiny-64")
     torch.manual_seed(0)
-    var = VAR.from_config(p.model, p.patch_nums, p.tokenizer.vocab_size, p.tokenizer.z_channels).train()
+    var = VAR(p.model, p.patch_nums, p.tokenizer.vocab_size, p.tokenizer.z_channels).train()
     x = torch.randn(1, p.seq_len - 1, p.tokenizer.z_channels)
     lab = torch.zeros(1, dtype=torch.long)
     got = count_flops((lambda: var(lab, x).sum().backward()) if backward else (lambda: var(lab, x)))

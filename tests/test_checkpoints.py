@@ -12,12 +12,14 @@ import pytest
 import torch
 
 from fvar_core import checkpoints as ck
-from fvar_core.checkpoints import (
-    Checkpoint, build_tokenizer, detect_official_kind, load_checkpoint, official_tokenizer_overrides,
-    official_var_overrides, read_official_pth, save_checkpoint)
+from fvar_core.checkpoints import Checkpoint, load_checkpoint, save_checkpoint
+from fvar_core.model_loading import build_tokenizer
 from fvar_core.errors import UserError
+from fvar_core.official import (default_var_preset, detect_official_kind, official_tokenizer_overrides,
+                                official_var_overrides, read_official_pth)
 from fvar_core.presets import load_preset
-from fvar_core.tokenizer import Tokenizer, official_state_dict
+from fvar_core.tokenizer import Tokenizer
+from fvar_core.transformer import VAR
 
 
 class Opaque:
@@ -32,7 +34,7 @@ def tiny():
     """tiny-32's tokenizer with random weights: (preset, state dict)."""
     preset = load_preset("tiny-32")
     torch.manual_seed(0)
-    tok = Tokenizer.from_config(preset.tokenizer, preset.patch_nums)
+    tok = Tokenizer(preset.tokenizer, preset.patch_nums)
     with torch.no_grad():
         for v in tok.state_dict().values():
             v.copy_(torch.randn_like(v))
@@ -390,7 +392,7 @@ def test_official_tokenizer_overrides_read_the_released_vae_architecture():
     # vae_ch160v4096z32.pth's shapes, on the meta device (no memory)
     p = load_preset("var-d16-256")
     with torch.device("meta"):
-        sd = official_state_dict(Tokenizer.from_config(p.tokenizer, p.patch_nums))
+        sd = Tokenizer(p.tokenizer, p.patch_nums).official_state_dict()
     assert len(sd) == 324
     assert official_tokenizer_overrides(sd) == [
         "tokenizer.ch=160", "tokenizer.vocab_size=4096", "tokenizer.z_channels=32", "tokenizer.alias_vocab_size=0",
@@ -411,11 +413,9 @@ def test_official_tokenizer_overrides_name_what_is_missing_or_inconsistent():
 
 @pytest.mark.parametrize("name,shared", [("var-d16-256", False), ("var-d36-512", True)])
 def test_official_var_overrides_read_the_released_architectures(name, shared):
-    tr = pytest.importorskip("fvar_core.transformer")
     p = load_preset(name)
     with torch.device("meta"):
-        sd = tr.VAR.from_config(p.model, p.patch_nums, p.tokenizer.vocab_size,
-                                p.tokenizer.z_channels).official_state_dict()
+        sd = VAR(p.model, p.patch_nums, p.tokenizer.vocab_size, p.tokenizer.z_channels).official_state_dict()
     got = load_preset(name, official_var_overrides(sd))
     assert got.model == p.model and got.model.shared_aln is shared
-    assert ck._default_var_preset(sd) == name
+    assert default_var_preset(sd) == name

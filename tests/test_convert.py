@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from fvar_cli.app import discover
-from fvar_core import checkpoints as ck
 from fvar_core.checkpoints import load_checkpoint, save_checkpoint
 from fvar_core.presets import load_preset
-from fvar_core.tokenizer import EXTENSION_KEYS, Tokenizer, official_state_dict
+from fvar_core.tokenizer import EXTENSION_KEYS, Tokenizer
+from fvar_core.transformer import VAR
 
 from .test_checkpoints import Opaque
 
@@ -31,7 +31,7 @@ def _randomized(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 def official_vae(tmp_path_factory) -> tuple[Path, dict]:
     """An official-shaped VQ-VAE .pth: the released architecture (V=4096, z=32, 10 scales) at ch=32."""
     p = load_preset("var-d16-256", ["tokenizer.ch=32"])
-    sd = official_state_dict(_randomized(Tokenizer.from_config(p.tokenizer, p.patch_nums)))
+    sd = _randomized(Tokenizer(p.tokenizer, p.patch_nums)).official_state_dict()
     path = tmp_path_factory.mktemp("official") / "vae_ch32v4096z32.pth"
     torch.save(sd, path)
     return path, sd
@@ -79,7 +79,7 @@ def test_vae_import_export_round_trip_is_exact(cli, tmp_path, official_vae):
 def test_import_with_an_alias_codebook_exports_only_the_official_keys(cli, tmp_path):
     # tiny-64's architecture (ch 32, z 8, V 64); an FVAR user keeps a fresh alias codebook on import
     p = load_preset("tiny-64", ["tokenizer.alias_vocab_size=0", "teacher.enabled=false"])
-    sd = official_state_dict(_randomized(Tokenizer.from_config(p.tokenizer, p.patch_nums), seed=1))
+    sd = _randomized(Tokenizer(p.tokenizer, p.patch_nums), seed=1).official_state_dict()
     torch.save(sd, tmp_path / "vae.pth")
     r = cli("convert", "import", str(tmp_path / "vae.pth"), "--out", str(tmp_path / "tok"), "--preset", "tiny-64",
             "--set", "tokenizer.alias_vocab_size=16")
@@ -156,9 +156,8 @@ def test_export_of_a_pth_or_a_teacher_is_refused(cli, tmp_path, official_vae):
 
 # --------------------------------------------------------------------------- VAR transformer
 def _official_var(tmp_path: Path) -> tuple[Path, dict]:
-    tr = pytest.importorskip("fvar_core.transformer")
     p = load_preset("tiny-64", ["teacher.enabled=false"])
-    model = tr.VAR.from_config(p.model, p.patch_nums, p.tokenizer.vocab_size, p.tokenizer.z_channels)
+    model = VAR(p.model, p.patch_nums, p.tokenizer.vocab_size, p.tokenizer.z_channels)
     sd = model.official_state_dict()
     path = tmp_path / "var_tiny.pth"
     torch.save(sd, path)
@@ -166,8 +165,6 @@ def _official_var(tmp_path: Path) -> tuple[Path, dict]:
 
 
 def test_var_import_export_round_trip_is_exact(cli, tmp_path):
-    if ck._transformer_module() is None:
-        pytest.skip("fvar_core.transformer has no VAR with official loading yet")
     src, sd = _official_var(tmp_path)
     # no var-d2 preset matches: the default preset's sequence length does not fit, and says so
     line = _one_line_error(cli("convert", "import", str(src), "--out", str(tmp_path / "v")))
@@ -180,13 +177,6 @@ def test_var_import_export_round_trip_is_exact(cli, tmp_path):
     assert (c.preset.model.depth, c.preset.model.width, c.preset.model.num_classes) == (2, 64, 10)
     assert cli("convert", "export", str(tmp_path / "v"), "--out", str(tmp_path / "back.pth")).code == 0
     _same_official(sd, torch.load(tmp_path / "back.pth", weights_only=True))
-
-
-def test_var_import_without_a_transformer_says_it_arrives_later(cli, tmp_path, monkeypatch):
-    src, _ = _official_var(tmp_path)
-    monkeypatch.setattr(ck, "_transformer_module", lambda: None)
-    line = _one_line_error(cli("convert", "import", str(src), "--out", str(tmp_path / "v")))
-    assert "VAR transformer checkpoint" in line and "transformer conversion arrives" in line
 
 
 def test_import_refuses_to_replace_a_checkpoint_of_another_kind(cli, tmp_path, official_vae):

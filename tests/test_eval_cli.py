@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from fvar_core import images as fvar_images
+from fvar_core import sample_outputs
 from fvar_core.features import ENV_WEIGHTS
 
 from .evalkit import folder_arrays, image_folder, inception_weights, tiny_var_checkpoint
@@ -122,21 +122,21 @@ def test_eval_ref_imagenet_stats_generates_from_the_newest_checkpoint_and_resume
 
     args = ("eval", "--ref", "imagenet-stats", "--num-samples", "4", "--per-class", "2", "--metrics", "isc,kid,prc",
             "--device", "cpu")
-    real_save, saved = fvar_images.save_png, []
+    real_save, saved = sample_outputs.save_png, []
 
     def killed_after_two(img, path):
         if len(saved) == 2:
             raise KeyboardInterrupt  # what a kill looks like to the sampler
         real_save(img, path)
         saved.append(Path(path))
-    monkeypatch.setattr(fvar_images, "save_png", killed_after_two)
+    monkeypatch.setattr(sample_outputs, "save_png", killed_after_two)  # where the sampler looks it up
     r = cli(*args)
     assert r.code == 130
     out = env / "runs" / "eval" / "x-step-0000001-n4-s0"
     assert sorted(p.name for p in out.glob("*.png")) == ["000000.png", "000001.png"]
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")}
 
-    monkeypatch.setattr(fvar_images, "save_png", real_save)
+    monkeypatch.setattr(sample_outputs, "save_png", real_save)
     r = cli(*args)
     assert r.code == 0, r.err
     assert "using the newest var checkpoint" in r.err and "step-0000001" in r.err

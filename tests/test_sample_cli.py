@@ -26,8 +26,8 @@ def _save_tiny(ckpt_dir: Path, step: int, training_state: bool) -> Path:
     """A tiny-64 var checkpoint (random init, seeded) with its tokenizer in <ckpt>/tokenizer."""
     preset = load_preset("tiny-64")
     torch.manual_seed(0)
-    var = VAR.from_config(preset.model, preset.patch_nums, preset.tokenizer.vocab_size, preset.tokenizer.z_channels)
-    tok = Tokenizer.from_config(preset.tokenizer, preset.patch_nums)
+    var = VAR(preset.model, preset.patch_nums, preset.tokenizer.vocab_size, preset.tokenizer.z_channels)
+    tok = Tokenizer(preset.tokenizer, preset.patch_nums)
     save_checkpoint(ckpt_dir, kind="var", preset=preset, state_dict=var.state_dict(), provenance={"step": step},
                     training_state={"step": step} if training_state else None)
     save_checkpoint(ckpt_dir / "tokenizer", kind="tokenizer", preset=preset, state_dict=tok.state_dict())
@@ -195,7 +195,7 @@ def test_converted_official_checkpoints_sample(cli, tiny_ckpt, tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 def test_generate_to_folder_resumes_without_regenerating(tiny_ckpt, tmp_path, monkeypatch):
-    from fvar_core import sampler
+    from fvar_core import sample_outputs as sampler
 
     out = tmp_path / "gen"
     settings = SampleConfig(top_k=10, top_p=0.9)

@@ -45,7 +45,7 @@ def keyed_tokenizer(ref: dict) -> Tokenizer:
     cfg = TokenizerConfig(vocab_size=c["V"], alias_vocab_size=0, z_channels=c["Cvae"], ch=c["vae_ch"],
                           ch_mult=tuple(c["vae_ch_mult"]), num_res_blocks=c["vae_num_res_blocks"],
                           quant_resi=c["quant_resi"], share_quant_resi=c["share_quant_resi"])
-    return keyed_init_(Tokenizer.from_config(cfg, c["patch_nums"]), seed=c["seed"])
+    return keyed_init_(Tokenizer(cfg, c["patch_nums"]), seed=c["seed"])
 
 
 @pytest.fixture(scope="module")
@@ -123,8 +123,8 @@ def tiny():
     torch.manual_seed(0)
     cfg = ModelConfig(depth=2, width=64, num_heads=2, num_classes=10, drop_path=0.0, init_adaln_gamma=0.5,
                       init_head=1.0)  # sharp, context-dependent logits: a wrong cache shows
-    var = VAR.from_config(cfg, TINY_PN, 64, 8).eval()
-    tok = Tokenizer.from_config(TokenizerConfig(vocab_size=64, alias_vocab_size=0, z_channels=8, ch=32,
+    var = VAR(cfg, TINY_PN, 64, 8).eval()
+    tok = Tokenizer(TokenizerConfig(vocab_size=64, alias_vocab_size=0, z_channels=8, ch=32,
                                                 num_res_blocks=1), TINY_PN).eval()
     return var, tok
 

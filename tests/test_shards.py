@@ -26,7 +26,7 @@ def tiny(*overrides: str):
 
 def tiny_tokenizer(preset, seed: int = 0) -> Tokenizer:
     torch.manual_seed(seed)
-    return Tokenizer.from_config(preset.tokenizer, preset.patch_nums).eval()
+    return Tokenizer(preset.tokenizer, preset.patch_nums).eval()
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ def _student(depth=3, **kw) -> VAR:
     torch.manual_seed(0)
     cfg = ModelConfig(depth=depth, width=64, num_heads=2, num_classes=10, drop_path=0.0,
                       init_adaln_gamma=0.5, **kw)  # large γ: every block visibly shapes the logits
-    return VAR.from_config(cfg, PN, 32, 8)
+    return VAR(cfg, PN, 32, 8)
 
 
 def _inputs(B=2, seed=1):

@@ -16,7 +16,7 @@ import torch
 from fvar_core.config import TokenizerConfig
 from fvar_core.errors import UserError
 from fvar_core.quantizer import VAR_PHI_TABLES, default_phi_index, nearest_code, official_phi_index
-from fvar_core.tokenizer import Tokenizer, load_official_state_dict, official_state_dict
+from fvar_core.tokenizer import Tokenizer
 
 REF_DIR = Path(__file__).parent / "data" / "var-reference"
 PATCH_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
@@ -48,7 +48,7 @@ def keyed_init_(tok: Tokenizer, seed: int = 0) -> Tokenizer:
 
 def tiny_tokenizer(**overrides) -> Tokenizer:
     cfg = TokenizerConfig(**{"vocab_size": 4096, "alias_vocab_size": 0, "ch": 32, **overrides})
-    return keyed_init_(Tokenizer.from_config(cfg, PATCH_TINY))
+    return keyed_init_(Tokenizer(cfg, PATCH_TINY))
 
 
 def tiny_images(B: int = 2, seed: int = 1, res: int = 64) -> torch.Tensor:
@@ -85,7 +85,7 @@ def ref_tok(ref):
                           ch_mult=tuple(c["vae_ch_mult"]), num_res_blocks=c["vae_num_res_blocks"],
                           dropout=c["vae_dropout"], beta=c["beta"], quant_resi=c["quant_resi"],
                           share_quant_resi=c["share_quant_resi"])
-    return keyed_init_(Tokenizer.from_config(cfg, c["patch_nums"]), seed=c["seed"])
+    return keyed_init_(Tokenizer(cfg, c["patch_nums"]), seed=c["seed"])
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +163,7 @@ def test_autoregressive_steps_rebuild_teacher_forcing_input(ref, ref_tok):
 # ----------------------------------------------------------------------- official key layout
 def test_state_dict_equals_official_key_list_ch160_v4096():
     with torch.device("meta"):  # shapes only: no 109M-parameter allocation
-        tok = Tokenizer.from_config(TokenizerConfig(vocab_size=4096, alias_vocab_size=0), PATCH_256)
+        tok = Tokenizer(TokenizerConfig(vocab_size=4096, alias_vocab_size=0), PATCH_256)
     want = official_key_table()
     assert len(want) == 324
     buffers = {n for n, _ in tok.named_buffers()}
@@ -174,18 +174,18 @@ def test_state_dict_equals_official_key_list_ch160_v4096():
 
 def test_alias_codebook_is_the_only_extra_key_and_is_not_exported():
     with torch.device("meta"):
-        tok = Tokenizer.from_config(TokenizerConfig(vocab_size=4096, alias_vocab_size=512), PATCH_256)
+        tok = Tokenizer(TokenizerConfig(vocab_size=4096, alias_vocab_size=512), PATCH_256)
     extra = set(tok.state_dict()) - {k for k, _, _ in official_key_table()}
     assert extra == {"quantize.alias_embedding.weight"}
     assert tuple(tok.state_dict()["quantize.alias_embedding.weight"].shape) == (512, 32)
-    assert [k for k, _, _ in official_key_table()] == list(official_state_dict(tok))
+    assert [k for k, _, _ in official_key_table()] == list(tok.official_state_dict())
 
 
 @pytest.mark.parametrize("share, prefix", [(0, "quantize.quant_resi.{}."), (1, "quantize.quant_resi.qresi."),
                                            (4, "quantize.quant_resi.qresi_ls.{}.")])
 def test_phi_sharing_modes_use_the_official_key_names(share, prefix):
     with torch.device("meta"):
-        tok = Tokenizer.from_config(TokenizerConfig(ch=32, share_quant_resi=share), PATCH_256)
+        tok = Tokenizer(TokenizerConfig(ch=32, share_quant_resi=share), PATCH_256)
     keys = [k for k in tok.state_dict() if ".quant_resi." in k]
     n = {0: len(PATCH_256), 1: 1, 4: 4}[share]
     assert keys == [prefix.format(i) + s for i in range(n) for s in ("weight", "bias")]
@@ -193,7 +193,7 @@ def test_phi_sharing_modes_use_the_official_key_names(share, prefix):
 
 def test_zero_quant_resi_has_no_phi_weights():
     with torch.device("meta"):
-        tok = Tokenizer.from_config(TokenizerConfig(ch=32, quant_resi=0.0), PATCH_256)
+        tok = Tokenizer(TokenizerConfig(ch=32, quant_resi=0.0), PATCH_256)
     assert not [k for k in tok.state_dict() if ".quant_resi." in k]
 
 
@@ -215,7 +215,7 @@ def test_phi_index_for_other_scale_counts_follows_the_official_float64_rule():
 def test_phi_index_from_config_overrides_the_table():
     table = (3, 3, 2, 2, 1, 1, 0, 0, 0, 0)
     with torch.device("meta"):
-        tok = Tokenizer.from_config(TokenizerConfig(ch=32, phi_index=table), PATCH_256)
+        tok = Tokenizer(TokenizerConfig(ch=32, phi_index=table), PATCH_256)
     assert tok.quantize.phi_index == table
     assert tok.quantize.phi(0) is tok.quantize.quant_resi.qresi_ls[3]
 
@@ -227,33 +227,33 @@ def test_ref_tokenizer_uses_the_fixture_phi_table(ref, ref_tok):
 # ------------------------------------------------------------------------ export and reload
 def test_official_export_then_reload_gives_identical_state_dict():
     a = tiny_tokenizer(alias_vocab_size=64)
-    b = Tokenizer.from_config(a.cfg, PATCH_TINY)
+    b = Tokenizer(a.cfg, PATCH_TINY)
     alias_before = b.state_dict()["quantize.alias_embedding.weight"].clone()
-    exported = official_state_dict(a)
+    exported = a.official_state_dict()
     assert "quantize.alias_embedding.weight" not in exported
-    load_official_state_dict(b, exported)
+    b.load_official_state_dict(exported)
     sa, sb = a.state_dict(), b.state_dict()
     for k in exported:
         assert torch.equal(sa[k], sb[k]), k
     assert torch.equal(sb["quantize.alias_embedding.weight"], alias_before)  # not in the format: kept
-    assert list(official_state_dict(b)) == list(exported)
+    assert list(b.official_state_dict()) == list(exported)
 
 
 def test_wrong_shape_in_checkpoint_raises_user_error_naming_the_key():
     tok = tiny_tokenizer()
-    sd = official_state_dict(tok)
+    sd = tok.official_state_dict()
     sd["quantize.embedding.weight"] = torch.zeros(8192, 32)
     with pytest.raises(UserError, match=r"quantize\.embedding\.weight \(8192, 32\) vs model \(4096, 32\)"):
-        load_official_state_dict(tok, sd)
+        tok.load_official_state_dict(sd)
 
 
 def test_missing_and_unexpected_keys_raise_user_error_listing_them():
     tok = tiny_tokenizer()
-    sd = official_state_dict(tok)
+    sd = tok.official_state_dict()
     del sd["decoder.conv_out.bias"]
     sd["encoder.extra.weight"] = torch.zeros(1)
     with pytest.raises(UserError) as err:
-        load_official_state_dict(tok, sd)
+        tok.load_official_state_dict(sd)
     msg = str(err.value)
     assert "missing keys: decoder.conv_out.bias" in msg and "unexpected keys: encoder.extra.weight" in msg
     assert "\n" not in msg
@@ -263,10 +263,10 @@ def test_ema_buffer_is_replaced_when_the_scale_count_differs():
     # The official loader keeps the model's own usage buffer when checkpoint and model disagree
     # on the number of scales (10-scale checkpoint into the 14-scale 1024px schedule).
     src = tiny_tokenizer()
-    sd = official_state_dict(src)
-    dst = Tokenizer.from_config(src.cfg, (1, 2, 4))  # 3 scales, same weights otherwise
+    sd = src.official_state_dict()
+    dst = Tokenizer(src.cfg, (1, 2, 4))  # 3 scales, same weights otherwise
     own = dst.quantize.ema_vocab_hit_SV.clone()
-    load_official_state_dict(dst, sd)
+    dst.load_official_state_dict(sd)
     assert torch.equal(dst.quantize.ema_vocab_hit_SV, own)
     assert torch.equal(dst.quantize.embedding.weight, src.quantize.embedding.weight)
 

@@ -111,11 +111,11 @@ def test_perceptual_weights_take_a_torchscript_feature_net(tmp_path):
 
 def test_init_from_a_tokenizer_checkpoint_trains_only_the_alias_codebook(tmp_path):
     from fvar_core.checkpoints import save_checkpoint
-    from fvar_core.tokenizer import Tokenizer, official_state_dict
+    from fvar_core.tokenizer import Tokenizer
 
     preset = load_preset("tiny-64")
     src = Tokenizer(preset.tokenizer, preset.patch_nums)
-    save_checkpoint(tmp_path / "vae", kind="tokenizer", preset=preset, state_dict=official_state_dict(src))
+    save_checkpoint(tmp_path / "vae", kind="tokenizer", preset=preset, state_dict=src.official_state_dict())
     task = TokenizerTask(preset, init_from=tmp_path / "vae")
     tok = task.build()
     trainable = [n for n, p in tok.named_parameters() if p.requires_grad]

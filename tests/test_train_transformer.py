@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from fvar_core import checkpoints as ckpt_mod
-from fvar_core.checkpoints import build_var, load_checkpoint, save_checkpoint
+from fvar_core.checkpoints import load_checkpoint, save_checkpoint
+from fvar_core.model_loading import build_var
 from fvar_core.data import ImageFolderDataset, scan_image_folder, validate
 from fvar_core.presets import load_preset
 from fvar_core.runs import find_tokenizer
@@ -43,7 +44,7 @@ def tokens(tmp_path_factory):
     root = tmp_path_factory.mktemp("var")
     preset = load_preset("tiny-64")
     torch.manual_seed(0)
-    tok = Tokenizer.from_config(preset.tokenizer, preset.patch_nums)
+    tok = Tokenizer(preset.tokenizer, preset.patch_nums)
     tok_dir = save_checkpoint(root / "tok", kind="tokenizer", preset=preset, state_dict=tok.state_dict(),
                               provenance={"source": "test"})
     data = make_folder(root / "data", per_class=4)
@@ -164,7 +165,7 @@ def test_default_run_dir_is_under_fvar_runs(tokens, cli, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("args,message", [
     (["--set", "tokenizer.vocab_size=32"], "use a vocabulary of 64 codes, preset tiny-64 32"),
-    (["--set", "model.num_classes=1"], "class index 1, but preset tiny-64 has 1 classes"),
+    (["--set", "model.num_classes=1"], "class 1 out of range: preset tiny-64 has 1 classes"),
     (["--set", "tokenizer.ch=64"], "tokenizer.ch is 32 there, 64 in the preset"),
     (["--set", "pyramid.kernel=area"], "encoded with pyramid.kernel disk, preset tiny-64 says area"),
 ])
@@ -230,7 +231,7 @@ def test_gradient_accumulation_equals_the_full_batch(tokens, cli, tmp_path):
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
     p = load_preset("tiny-64")
     torch.manual_seed(p.train.seed)  # the loop's initialisation
-    init = VAR.from_config(p.model, p.patch_nums, p.tokenizer.vocab_size, p.tokenizer.z_channels).state_dict()
+    init = VAR(p.model, p.patch_nums, p.tokenizer.vocab_size, p.tokenizer.z_channels).state_dict()
     assert (a["head.weight"] - init["head.weight"]).abs().max() > 1e-3  # the steps did train
 
 
@@ -247,7 +248,7 @@ def test_pyramid_and_tokenizer_ablations_tokenize_and_train(tokens, cli, tmp_pat
         sets = ["tokenizer.alias_vocab_size=0", "tokenizer.shared_codebook=true"]
         preset = load_preset("tiny-64", sets)
         torch.manual_seed(0)
-        model = Tokenizer.from_config(preset.tokenizer, preset.patch_nums)
+        model = Tokenizer(preset.tokenizer, preset.patch_nums)
         tok = save_checkpoint(tmp_path / "tok", kind="tokenizer", preset=preset, state_dict=model.state_dict(),
                               provenance={"source": "test"})
     shards = tmp_path / "shards"

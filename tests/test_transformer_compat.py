@@ -70,7 +70,7 @@ def build_keyed_model(manifest, attn_backend: str = "sdpa") -> VAR:
     """The fixture's depth-2 VAR with keyed-v1 weights (seed 0); derived entries keep our own values."""
     cfg, pn, V, Cv = _fixture_cfg(manifest)
     torch.manual_seed(0)
-    model = VAR.from_config(cfg, pn, V, Cv, attn_backend=attn_backend)
+    model = VAR(cfg, pn, V, Cv, attn_backend=attn_backend)
     ki = _keyed_init()
     sd = model.state_dict()
     weights = ki.keyed_state_dict({k: v.shape for k, v in sd.items()}, seed=manifest["config"]["seed"])
@@ -143,7 +143,7 @@ def _layout(model: VAR) -> list:
 
 def test_d16_state_dict_equals_official_table():
     with torch.device("meta"):  # shapes only: no 1.2 GB of weights
-        model = VAR.from_config(ModelConfig(depth=16, width=1024, num_heads=16), PN_256, 4096, 32)
+        model = VAR(ModelConfig(depth=16, width=1024, num_heads=16), PN_256, 4096, 32)
     want = [(k, s, "torch.int64" if k == "lvl_1L" else "torch.float32", kind) for k, s, kind in _D16_ROOT]
     want += [(f"blocks.{i}.{k}", s, "torch.float32", kind) for i in range(16) for k, s, kind in _D16_BLOCK]
     want += [(k, s, "torch.float32", kind) for k, s, kind in _D16_HEAD]
@@ -166,7 +166,7 @@ def test_d2_state_dict_matches_fixture(manifest, ref, model):
 
 def test_shared_adaln_variant_keys():
     cfg = ModelConfig(depth=2, width=64, num_heads=2, shared_aln=True, num_classes=10)
-    model = VAR.from_config(cfg, (1, 2, 3), 32, 8)
+    model = VAR(cfg, (1, 2, 3), 32, 8)
     keys = list(model.state_dict())
     assert "shared_ada_lin.1.weight" in keys and "shared_ada_lin.1.bias" in keys
     assert "blocks.0.ada_gss" in keys and not any(".ada_lin." in k and k.startswith("blocks.") for k in keys)
@@ -183,7 +183,7 @@ def test_official_export_reload_round_trip(manifest, model, ref):
     loaded = torch.load(buf, weights_only=True)
     assert list(loaded) == list(model.state_dict())
     cfg, pn, V, Cv = _fixture_cfg(manifest)
-    fresh = VAR.from_config(cfg, pn, V, Cv).eval()
+    fresh = VAR(cfg, pn, V, Cv).eval()
     fresh.load_official_state_dict(loaded)
     for k, v in model.state_dict().items():
         assert torch.equal(fresh.state_dict()[k], v), k
@@ -326,7 +326,7 @@ def _tiny(cond_drop=0.1, drop_path=0.0, **kw) -> VAR:
     torch.manual_seed(0)
     cfg = ModelConfig(depth=2, width=64, num_heads=2, num_classes=10, cond_drop=cond_drop, drop_path=drop_path,
                       init_adaln_gamma=0.5, **kw)  # large γ: blocks matter, so conditions show in logits
-    return VAR.from_config(cfg, (1, 2, 3, 4), 32, 8)
+    return VAR(cfg, (1, 2, 3, 4), 32, 8)
 
 
 def test_label_dropout_only_in_training_mode():

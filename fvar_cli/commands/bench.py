@@ -6,12 +6,11 @@ from typing import List, Optional
 
 import typer
 
-from ..options import PresetOption, SetOption, resolve, writable_file
+from ..options import DeviceOption, PresetOption, SetOption, resolve, writable_file
 
 app = typer.Typer(help="Measure speed: images/s, peak memory, FLOPs, as JSON with the machine named.",
                   no_args_is_help=True)
 JsonOption = typer.Option(None, "--json", help="Write the result as JSON here.", callback=writable_file)
-DeviceOption = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
 
 
 def _write(json_out: Optional[Path], doc: dict) -> None:

@@ -9,7 +9,7 @@ from typing import Iterator, List, Optional
 
 import typer
 
-from ..options import writable_file, writable_folder
+from ..options import DeviceOption, writable_file, writable_folder
 
 from fvar_core.envvars import FEATURE_WEIGHTS as ENV_WEIGHTS
 
@@ -27,7 +27,6 @@ WeightsOpt = typer.Option(
     None, "--feature-weights", envvar=ENV_WEIGHTS, show_envvar=True,
     help="Local InceptionV3 weights (torch-fidelity's weights-inception-2015-12-05-6726825d.pth); "
          "default: torch-fidelity's download, cached by torch hub.")
-DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps.")
 BatchOpt = typer.Option(64, "--batch", "-b", min=1, help="Images per Inception batch.")
 
 
@@ -141,7 +140,7 @@ def evaluate(
     max_images: Optional[int] = typer.Option(None, "--max-images", min=1, help="With --data: at most this many "
                                                                                "(a fixed-seed subset)."),
     feature_weights: Optional[Path] = WeightsOpt,
-    device: str = DeviceOpt,
+    device: str = DeviceOption,
     batch: int = BatchOpt,
     kid_subsets: int = typer.Option(100, "--kid-subsets", min=1, help="KID: number of subsets."),
     kid_subset_size: int = typer.Option(1000, "--kid-subset-size", min=2, help="KID: subset size (capped at the "
@@ -253,7 +252,7 @@ def classifier_train(
     resolution: int = typer.Option(32, "--resolution", min=8, max=512, help="Images are resized to this side."),
     batch: int = typer.Option(128, "--batch", "-b", min=1, help="Images per step."),
     seed: int = typer.Option(0, "--seed", min=0, help="Seed of the initialisation, order and augmentation."),
-    device: str = DeviceOpt,
+    device: str = DeviceOption,
 ) -> None:
     """Train the feature network of offline evaluation (minutes on a CPU for 32 px data)."""
     from fvar_core.classifier import classifier_config, train_classifier
@@ -332,7 +331,7 @@ def ref_build(
                                      help="Pool features kept for KID and precision/recall (ADM: 10,000)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing reference of that name."),
     feature_weights: Optional[Path] = WeightsOpt,
-    device: str = DeviceOpt,
+    device: str = DeviceOption,
     batch: int = BatchOpt,
 ) -> None:
     """Compute a named reference once: Inception mean/covariance of every image and a feature set."""

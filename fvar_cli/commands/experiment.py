@@ -6,7 +6,7 @@ from typing import List, Optional
 
 import typer
 
-from ..options import SetOption, writable_file, writable_folder
+from ..options import DeviceOption, SetOption, writable_file, writable_folder
 
 app = typer.Typer(help="Measure the paper's claims: the ablation table (Table 3 at small scale) and the alias "
                        "path's audit.", no_args_is_help=True)
@@ -57,7 +57,7 @@ def ablation(
     classifier_epochs: Optional[float] = typer.Option(None, "--classifier-epochs", min=0.01,
                                                       help="Epochs of the evaluation classifier."),
     overrides: Optional[List[str]] = SetOption,
-    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: CUDA when available)."),
+    device: str = DeviceOption,
 ) -> None:
     """Train and score every row at the same budget for each seed; write results.json, table.md and
     ablation.png into OUT (mean ± std over seeds)."""
@@ -94,7 +94,7 @@ def alias_audit(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the whole audit as JSON here.",
                                             callback=writable_file),
     overrides: Optional[List[str]] = SetOption,
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    device: str = DeviceOption,
 ) -> None:
     """Per scale: alias residual energy relative to the structure residual, share of it the alias
     codebook codes, codebook perplexity and dead codes; with --run, the teacher's CE with the true

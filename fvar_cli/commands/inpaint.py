@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from ..options import writable_folder
+from ..options import DeviceOption, writable_folder
 
 
 def inpaint(
@@ -36,14 +36,16 @@ def inpaint(
         None, "--tokenizer", "-t", help="Tokenizer checkpoint (default: the one stored with the checkpoint)."),
     out: Path = typer.Option(Path("edit"), "--out", "-o", help="Folder for compare.png, result.png, edit.json.",
                              callback=writable_folder),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    device: str = DeviceOption,
 ) -> None:
     """Regenerate a region of an image (inpainting) or extend it to the full canvas (outpainting),
     keeping the image's own tokens everywhere else at every scale."""
     from fvar_core.errors import UserError
     from fvar_core.inpaint import check_edit_request, edit_to_dir
     from fvar_core.runs import newest_checkpoint
-    from fvar_core.sampler import load_models, parse_classes, settings_from
+    from fvar_core.checks import parse_classes
+    from fvar_core.sample_loading import load_models
+    from fvar_core.sampler import settings_from
 
     check_edit_request(box=box, mask=mask, outpaint=outpaint, canvas=canvas, fit=fit)
     if ckpt is None:

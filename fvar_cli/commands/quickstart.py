@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from ..options import writable_folder
+from ..options import DeviceOption, writable_folder
 
 
 def quickstart(
@@ -30,7 +30,7 @@ def quickstart(
     data_per_class: Optional[int] = typer.Option(
         None, "--data-per-class", min=1, help="Export only the first N Fashion-MNIST images per class and split."),
     images: int = typer.Option(24, "--images-per-class", min=2, help="Drawn images per class (drawn data only)."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: CUDA when available)."),
+    device: str = DeviceOption,
 ) -> None:
     """The whole pipeline on real data in about 15 minutes on two CPU cores: Fashion-MNIST, the
     dual-path tokenizer, its tokens, teacher–student distillation, samples from the student, and

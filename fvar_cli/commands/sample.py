@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from ..options import writable_file, writable_folder
+from ..options import DeviceOption, writable_file, writable_folder
 
 
 def sample(
@@ -35,11 +35,14 @@ def sample(
     save_tokens: Optional[Path] = typer.Option(None, "--save-tokens",
                                                help="Also write per-scale tokens, labels and seeds (.npz).",
                                                callback=writable_file),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    device: str = DeviceOption,
 ) -> None:
     """Sample images of the given classes; defaults come from the checkpoint's preset (`sample:`)."""
     from fvar_core.runs import newest_checkpoint
-    from fvar_core.sampler import load_models, parse_classes, progress_bar, sample_to_dir, settings_from
+    from fvar_core.checks import parse_classes
+    from fvar_core.sample_loading import load_models
+    from fvar_core.sample_outputs import progress_bar, sample_to_dir
+    from fvar_core.sampler import settings_from
 
     if ckpt is None:
         ckpt = newest_checkpoint("var")

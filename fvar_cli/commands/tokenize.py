@@ -6,7 +6,7 @@ from typing import List, Optional
 
 import typer
 
-from ..options import writable_folder
+from ..options import DeviceOption, writable_folder
 
 
 def tokenize(
@@ -17,7 +17,7 @@ def tokenize(
     flip: bool = typer.Option(False, "--flip", help="Also store each image's horizontal mirror (2 items per image)."),
     batch: int = typer.Option(64, "--batch", "-b", min=1, help="Images per encoder batch."),
     shard_size: int = typer.Option(10000, "--shard-size", min=1, help="Source images per shard."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    device: str = DeviceOption,
     workers: Optional[int] = typer.Option(None, "--workers", min=0,
                                           help="Image-decoding processes (default: the preset's data.num_workers)."),
     per_class: Optional[int] = typer.Option(None, "--per-class", min=1,

@@ -6,7 +6,7 @@ from typing import List, Optional
 
 import typer
 
-from ..options import AllowDataChangeOption, PresetOption, SetOption, resolve, writable_folder
+from ..options import AllowDataChangeOption, DeviceOption, PresetOption, SetOption, resolve, writable_folder
 
 TokensOption = typer.Option(None, "--tokens", help="Token shards from `fvar tokenize` (no VAE in the step).")
 DataOption = typer.Option(None, "--data", "-d", help="Image folder, encoded on the fly (needs --tokenizer).")
@@ -17,7 +17,6 @@ OutOption = typer.Option(None, "--out", "-o", help="Run directory ($FVAR_RUNS or
                         callback=writable_folder)
 StepsOption = typer.Option(None, "--steps", min=1, help="Total optimiser steps (preset's train.steps).")
 BatchOption = typer.Option(None, "--batch", min=1, help="Global batch size (preset's train.batch_size).")
-DeviceOption = typer.Option(None, "--device", help="cpu or cuda (CUDA when available); multi-GPU: `accelerate launch`.")
 WorkersOption = typer.Option(None, "--workers", min=0, help="Data-loading processes (preset's data.num_workers).")
 
 
@@ -47,7 +46,7 @@ def train(
     preset: str = PresetOption,
     steps: Optional[int] = StepsOption,
     batch: Optional[int] = BatchOption,
-    device: Optional[str] = DeviceOption,
+    device: str = DeviceOption,
     workers: Optional[int] = WorkersOption,
     allow_data_change: bool = AllowDataChangeOption,
     overrides: Optional[List[str]] = SetOption,
@@ -64,7 +63,7 @@ def distill(
     preset: str = PresetOption,
     steps: Optional[int] = StepsOption,
     batch: Optional[int] = BatchOption,
-    device: Optional[str] = DeviceOption,
+    device: str = DeviceOption,
     workers: Optional[int] = WorkersOption,
     save_teacher: bool = typer.Option(False, "--save-teacher", help="Also write the teacher to <run>/teacher."),
     allow_data_change: bool = AllowDataChangeOption,

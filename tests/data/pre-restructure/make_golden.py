@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from fvar_core.checkpoints import build_tokenizer, build_var, load_checkpoint
+from fvar_core.checkpoints import load_checkpoint
+from fvar_core.model_loading import build_tokenizer, build_var
 from fvar_core.sampler import sample_batch, settings_from
 from fvar_core.testimages import zone_plate
 
