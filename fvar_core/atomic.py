@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable, Optional, Union
 
-from .errors import UserError
+from fvar_core.errors import UserError
 
 PathLike = Union[str, Path]
 

@@ -30,11 +30,11 @@ from typing import Any, Mapping, Optional, Union
 import torch
 from safetensors.torch import load_file, save_file
 
-from .atomic import umask, write_error
-from .config import Preset
-from .errors import UserError
-from .hashing import file_sha256
-from .presets import validate
+from fvar_core.atomic import umask, write_error
+from fvar_core.config import Preset
+from fvar_core.errors import UserError
+from fvar_core.hashing import file_sha256
+from fvar_core.presets import validate
 
 FORMAT = "fvar-checkpoint"
 FORMAT_VERSION = 1
@@ -66,7 +66,7 @@ def _fvar_version() -> str:
         from importlib.metadata import version
         return version("fvar")
     except Exception:  # running from a source tree that is not installed
-        from . import __version__
+        from fvar_core import __version__
         return __version__
 
 

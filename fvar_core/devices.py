@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import UserError
+from fvar_core.errors import UserError
 
 
 def pick_device(name: str = "auto") -> torch.device:

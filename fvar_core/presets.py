@@ -16,8 +16,8 @@ from typing import Any, Iterable, Optional
 import yaml
 from pydantic import ValidationError
 
-from .config import Preset
-from .errors import UserError
+from fvar_core.config import Preset
+from fvar_core.errors import UserError
 
 _MAX_EXTENDS_DEPTH = 16
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Optional, Type, Union
 
-from .errors import FvarWarning, UserError
+from fvar_core.errors import FvarWarning, UserError
 
 LOCK_NAME = ".fvar.lock"
 

@@ -28,15 +28,14 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import yaml
 
-from . import envvars
-from .atomic import atomic_write_bytes, check_writable, write_error
-from .checkpoints import WEIGHTS_NAME, read_checkpoint_config, verify_checkpoint
-from .hashing import file_sha256
-from .config import Preset
-from .data import SKIPPED_FILES
-from .errors import FvarWarning, UserError
-from .presets import validate
-from .runlock import LOCK_NAME
+from fvar_core import envvars
+from fvar_core.atomic import atomic_write_bytes, check_writable, write_error
+from fvar_core.checkpoints import WEIGHTS_NAME, read_checkpoint_config, verify_checkpoint
+from fvar_core.hashing import file_sha256
+from fvar_core.config import Preset
+from fvar_core.errors import FvarWarning, UserError
+from fvar_core.presets import validate
+from fvar_core.runlock import LOCK_NAME
 
 ENV_RUNS = envvars.RUNS
 DEFAULT_RUNS = "runs"
@@ -141,6 +140,7 @@ BEST = "best"
 CONFIG_YAML = "config.yaml"
 METRICS = "metrics.jsonl"
 LOG = "log.txt"
+SKIPPED_FILES = "skipped-files.txt"  # in a run / shard folder: every file left out, with its reason
 CHECKPOINT_FILES = ("config.json", "model.safetensors", "training_state.pt")  # of a complete training checkpoint
 # What else a run directory may hold (a folder with anything more is not one).
 RUN_FILES = (LOG, METRICS, CHECKPOINTS, "samples", "classes.json", TOKENIZER_DIR, ".tokenizer.tmp", "teacher",

@@ -76,8 +76,8 @@ def tiny_var_checkpoint(factory) -> Path:
     if "ckpt" not in _CACHE:
         from fvar_core.checkpoints import save_checkpoint
         from fvar_core.presets import load_preset
-        from fvar_core.tokenizer import Tokenizer
-        from fvar_core.transformer import VAR
+        from fvar_core.models.tokenizer import Tokenizer
+        from fvar_core.models.transformer import VAR
 
         preset = load_preset("tiny-64")
         torch.manual_seed(0)

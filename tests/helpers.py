@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fvar_core.testimages import draw_image_folder
+from fvar_core.focus.testimages import draw_image_folder
 
 
 def make_folder(root: Path, per_class: int = 8, size: int = 80, corrupt: int = 0) -> Path:

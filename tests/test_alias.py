@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from fvar_core.alias import ScaleAlias, alias_report
+from fvar_core.focus.alias import ScaleAlias, alias_report
 from fvar_core.config import PyramidConfig
 from fvar_core.errors import UserError
-from fvar_core.testimages import resolution_chart, zone_plate
+from fvar_core.focus.testimages import resolution_chart, zone_plate
 
 PN = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 

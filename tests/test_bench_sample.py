@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from fvar_core.bench import PeakMemory, Timer, count_flops, device_name, machine
+from fvar_core.pipelines.bench import PeakMemory, Timer, count_flops, device_name, machine
 from tests.test_sample_cli import _err_line, tiny_checkpoint
 
 
@@ -64,11 +64,11 @@ def test_bench_sample_bad_arguments(cli, args, message):
 
 
 def test_cfg_zero_counts_half_the_transformer_flops():
-    from fvar_core.bench import bench_sample
+    from fvar_core.pipelines.bench import bench_sample
     from fvar_core.config import SampleConfig
     from fvar_core.presets import load_preset
-    from fvar_core.tokenizer import Tokenizer
-    from fvar_core.transformer import VAR
+    from fvar_core.models.tokenizer import Tokenizer
+    from fvar_core.models.transformer import VAR
 
     p = load_preset("tiny-32")
     var = VAR(p.model, p.patch_nums, p.tokenizer.vocab_size, p.tokenizer.z_channels).eval()

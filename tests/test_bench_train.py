@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from fvar_core.bench import count_flops
+from fvar_core.pipelines.bench import count_flops
 from fvar_core.presets import load_preset
-from fvar_core.transformer import VAR
+from fvar_core.models.transformer import VAR
 
 
 def var_flops_closed_form(p, backward: bool) -> int:

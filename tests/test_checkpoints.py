@@ -13,13 +13,13 @@ import torch
 
 from fvar_core import checkpoints as ck
 from fvar_core.checkpoints import Checkpoint, load_checkpoint, save_checkpoint
-from fvar_core.model_loading import build_tokenizer
+from fvar_core.models.loading import build_tokenizer
 from fvar_core.errors import UserError
-from fvar_core.official import (default_var_preset, detect_official_kind, official_tokenizer_overrides,
+from fvar_core.models.official import (default_var_preset, detect_official_kind, official_tokenizer_overrides,
                                 official_var_overrides, read_official_pth)
 from fvar_core.presets import load_preset
-from fvar_core.tokenizer import Tokenizer
-from fvar_core.transformer import VAR
+from fvar_core.models.tokenizer import Tokenizer
+from fvar_core.models.transformer import VAR
 
 
 class Opaque:

@@ -12,8 +12,8 @@ import torch
 from fvar_cli.app import discover
 from fvar_core.checkpoints import load_checkpoint, save_checkpoint
 from fvar_core.presets import load_preset
-from fvar_core.tokenizer import EXTENSION_KEYS, Tokenizer
-from fvar_core.transformer import VAR
+from fvar_core.models.tokenizer import EXTENSION_KEYS, Tokenizer
+from fvar_core.models.transformer import VAR
 
 from .test_checkpoints import Opaque
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from fvar_core.data import (ImageFolderDataset, check_image_file, read_class_index, resized_size,
+from fvar_core.data.folders import (ImageFolderDataset, check_image_file, read_class_index, resized_size,
                             scan_image_folder, validate, validation_report, write_class_index)
 from fvar_core.errors import UserError
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
-from fvar_core.discriminator import PatchDiscriminator, adaptive_weight, adversarial_terms
+from fvar_core.models.discriminator import PatchDiscriminator, adaptive_weight, adversarial_terms
 from fvar_core.checkpoints import load_checkpoint
 from fvar_core.runs import complete_checkpoints
 
@@ -70,7 +70,7 @@ def test_train_tokenizer_with_disc_resumes_bitwise_and_writes_reusable_weights(t
     assert {"g_loss", "d_loss", "disc_lambda", "d_real", "d_fake"} <= set(m[0])
     assert m[0]["disc_lambda"] == 1.0 and m[1]["disc_lambda"] != 1.0  # adaptive from disc_start
 
-    from fvar_core.tokenizer_training import TokenizerTask
+    from fvar_core.train.tokenizer import TokenizerTask
 
     revive = kill_at_step(monkeypatch, TokenizerTask, 3)
     assert cli(*common, "--out", str(tmp_path / "broken"), "--steps", "4").code == 130

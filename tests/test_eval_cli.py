@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from fvar_core import sample_outputs
-from fvar_core.features import ENV_WEIGHTS
+from fvar_core.sample import outputs as sample_outputs
+from fvar_core.eval.features import ENV_WEIGHTS
 
 from .evalkit import folder_arrays, image_folder, inception_weights, tiny_var_checkpoint
 
@@ -72,8 +72,8 @@ def test_an_adm_npz_with_stored_statistics_gives_the_folders_fid(cli, env, monke
     """ADM's full layout — arr_0 plus the mu/sigma of the same images — through --feature-weights
     (not the environment variable). With weights that are not the official Inception the stored
     statistics are not used (they would be another network's), and the FID equals the folder's."""
-    from fvar_core.features import load_extractor
-    from fvar_core.refstats import open_reference
+    from fvar_core.eval.features import load_extractor
+    from fvar_core.eval.refstats import open_reference
 
     weights = Path(__import__("os").environ[ENV_WEIGHTS])
     monkeypatch.delenv(ENV_WEIGHTS)
@@ -235,8 +235,8 @@ def test_alias_figures_of_a_folder_are_per_scale_means(cli, env):
     assert r.code == 0, r.err
     rep = json.loads((env / "alias.json").read_text())
     assert rep["count"] == 3 and [s["size"] for s in rep["scales"]] == [16, 32, 48, 64]
-    from fvar_core.alias import alias_report
-    from fvar_core.images import fit_square, load_image
+    from fvar_core.focus.alias import alias_report
+    from fvar_core.data.images import fit_square, load_image
     from fvar_core.presets import load_preset
 
     p = load_preset("tiny-64")

@@ -16,9 +16,10 @@ import pytest
 import torch
 from PIL import Image
 
-from fvar_core import features, refstats
+from fvar_core.eval import features
+from fvar_core.eval import refstats
 from fvar_core.errors import UserError
-from fvar_core.imagesets import adm_center_crop, open_npz, samples_folder, var_center_crop
+from fvar_core.eval.imagesets import adm_center_crop, open_npz, samples_folder, var_center_crop
 
 from .evalkit import image_folder, inception_weights
 

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from fvar_core.alias import image_leakage
-from fvar_core.alias_audit import code_usage, derangement, shuffle_alias
-from fvar_core.experiment import ROWS
-from fvar_core.testimages import draw_image_folder
+from fvar_core.focus.alias import image_leakage
+from fvar_core.pipelines.alias_audit import code_usage, derangement, shuffle_alias
+from fvar_core.pipelines.experiment import ROWS
+from fvar_core.focus.testimages import draw_image_folder
 
 # Two rows × one seed on drawn images, a handful of steps: seconds, not a model.
 TINY = ["--rows", "var,fvar", "--seeds", "1", "--tokenizer-steps", "4", "--steps", "4", "--train-per-class", "8",
@@ -61,7 +61,7 @@ def test_tiny_ablation_table_has_the_rows(finished):
     assert len(var["student_ce_per_scale"]) == 6
     assert 0.0 <= var["accuracy"] <= 1.0 and var["samples"] == 8
     assert (finished / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    from fvar_core.images import load_image
+    from fvar_core.data.images import load_image
 
     sheet = load_image(finished / "samples-seed0.png")  # 2 bands of 4 samples × 2 classes, 32 px, zoom 2
     assert sheet.shape == (3, 2 * (2 * (4 * 33 + 1)) + 2 * 4, 2 * (2 * 33 + 1))
@@ -111,8 +111,8 @@ def test_unknown_row_is_one_line(tmp_path, cli):
 def test_shuffled_alias_changes_the_teachers_alias_input_and_nothing_else(finished, monkeypatch):
     """cross_entropy_report runs the teacher twice per batch: the second call must get the same
     labels and structure input, and alias tokens that are another image's, row for row."""
-    from fvar_core.alias_audit import cross_entropy_report
-    from fvar_core.teacher import Teacher
+    from fvar_core.pipelines.alias_audit import cross_entropy_report
+    from fvar_core.models.teacher import Teacher
 
     calls = []
     real = Teacher.forward
@@ -161,7 +161,7 @@ def _quantizer_and_focus_latents():
     """tiny-32's quantizer (eval, seed 0), a random latent f (2, Cz, 8, 8) and focus latents z_k:
     f plus noise at every scale but the last, where z_K = f."""
     from fvar_core.presets import load_preset
-    from fvar_core.quantizer import MultiScaleQuantizer
+    from fvar_core.models.quantizer import MultiScaleQuantizer
 
     p = load_preset("tiny-32")
     torch.manual_seed(0)

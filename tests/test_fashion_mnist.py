@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fvar_core import fashion_mnist as fm
-from fvar_core.data import scan_image_folder
+from fvar_core.data import fashion_mnist as fm
+from fvar_core.data.folders import scan_image_folder
 from fvar_core.errors import UserError
 
 REAL = fm.DEBIAN_DIR

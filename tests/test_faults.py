@@ -24,7 +24,8 @@ import torch
 from safetensors.torch import load_file
 
 from fvar_core import checkpoints as ck
-from fvar_core.data import SKIPPED_FILES, scan_image_folder
+from fvar_core.data.folders import scan_image_folder
+from fvar_core.runs import SKIPPED_FILES
 from fvar_core.errors import FvarWarning, UserError
 from fvar_core.presets import load_preset
 from fvar_core.runlock import LOCK_NAME, RunLock
@@ -573,7 +574,7 @@ def test_help_never_imports_torch():
 
 
 def test_ctrl_c_during_tokenize_names_the_shards_done_and_the_resume_command(cli, world, tmp_path, monkeypatch):
-    from fvar_core.tokenizer import Tokenizer
+    from fvar_core.models.tokenizer import Tokenizer
 
     real, calls = Tokenizer.encode_with_pyramid, []
 

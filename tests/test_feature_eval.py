@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from fvar_core.classifier import ClassifierConfig, augment, load_classifier, predict, train_classifier
+from fvar_core.eval.classifier import ClassifierConfig, augment, load_classifier, predict, train_classifier
 from fvar_core.errors import UserError
-from fvar_core.feature_metrics import evaluate_sets, folder_set, format_table, sample_set
-from fvar_core.images import save_png
+from fvar_core.eval.feature_metrics import evaluate_sets, folder_set, format_table, sample_set
+from fvar_core.data.images import save_png
 
 from .test_fashion_mnist import REAL, needs_real
 
@@ -71,7 +71,7 @@ def test_augment_shifts_with_zero_fill_and_flips():
 
 @needs_real
 def test_classifier_on_a_small_real_subset_is_clearly_above_chance(tmp_path):
-    from fvar_core import fashion_mnist as fm
+    from fvar_core.data import fashion_mnist as fm
 
     fm.export(tmp_path / "fm", source=REAL, per_class=60)
     cfg = ClassifierConfig(widths=(8, 16, 32), feature_dim=32, epochs=3, batch_size=32)

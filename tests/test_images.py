@@ -11,7 +11,7 @@ from PIL import Image
 from fvar_core import atomic
 from fvar_core.errors import UserError
 from fvar_core.atomic import atomic_write_bytes
-from fvar_core.images import fit_square, load_image, save_png
+from fvar_core.data.images import fit_square, load_image, save_png
 
 from .conftest import png_claiming_size
 

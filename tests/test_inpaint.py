@@ -13,7 +13,7 @@ from PIL import Image
 
 from fvar_core.config import SampleConfig
 from fvar_core.errors import UserError
-from fvar_core.inpaint import (box_mask, edit, keep_masks, load_mask, parse_box, prepare_inpaint, prepare_outpaint,
+from fvar_core.sample.inpaint import (box_mask, edit, keep_masks, load_mask, parse_box, prepare_inpaint, prepare_outpaint,
                                token_mask)
 from tests.test_sample_cli import _err_line, tiny_checkpoint
 from tests.test_sampler import build_keyed_model, keyed_tokenizer, load_manifest, load_ref

@@ -1,4 +1,4 @@
-"""The metric definitions of fvar_core.metrics against closed forms, an independent float64 scipy
+"""The metric definitions of fvar_core.eval.metrics against closed forms, an independent float64 scipy
 computation, constructed sets with known answers, and torch-fidelity's own implementations."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from scipy import linalg
 
 from fvar_core.errors import UserError
-from fvar_core.metrics import (RunningStats, frechet_distance, inception_score, kernel_inception_distance,
+from fvar_core.eval.metrics import (RunningStats, frechet_distance, inception_score, kernel_inception_distance,
                                mean_cov, precision_recall, psnr, ssim)
 
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 
 from fvar_core.checkpoints import load_checkpoint
-from fvar_core.model_loading import build_tokenizer, build_var
-from fvar_core.sample_loading import load_models
-from fvar_core.sampler import sample_batch, settings_from
+from fvar_core.models.loading import build_tokenizer, build_var
+from fvar_core.sample.loading import load_models
+from fvar_core.sample.sampler import sample_batch, settings_from
 
 HERE = Path(__file__).parent / "data" / "pre-restructure"
 GOLDEN = torch.load(HERE / "golden.pt")

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from fvar_core import psf
-from fvar_core.psf import blur, blur_direct, blur_fft, psf_kernel
+from fvar_core.focus import psf
+from fvar_core.focus.psf import blur, blur_direct, blur_fft, psf_kernel
 
 KINDS = ["disk", "gaussian", "box", "area"]
 RADII = [0.0, 0.3, 0.5, 0.7, 1.0, 1.4, 3.0, 4.96, 7.04, 12.0]

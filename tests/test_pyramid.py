@@ -7,11 +7,11 @@ from PIL import Image
 
 from fvar_core.config import PyramidConfig
 from fvar_core.errors import UserError
-from fvar_core.figure import nice_gain, pyramid_figure
-from fvar_core.psf import blur
-from fvar_core.pyramid import PyramidViews, area_down, focus_images, focus_views
-from fvar_core.schedules import betas, radii, view_sizes
-from fvar_core.testimages import BUILTIN_IMAGES, resolution_chart, zone_plate
+from fvar_core.focus.figure import nice_gain, pyramid_figure
+from fvar_core.focus.psf import blur
+from fvar_core.focus.pyramid import PyramidViews, area_down, focus_images, focus_views
+from fvar_core.focus.schedules import betas, radii, view_sizes
+from fvar_core.focus.testimages import BUILTIN_IMAGES, resolution_chart, zone_plate
 
 PN = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 PN_TINY = (1, 2, 4)  # 64px at 16 px per cell

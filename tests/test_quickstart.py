@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from fvar_core import fashion_mnist as fm
+from fvar_core.data import fashion_mnist as fm
 from fvar_core.checkpoints import load_checkpoint
 from fvar_core.runs import complete_checkpoints
 

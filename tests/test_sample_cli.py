@@ -14,10 +14,10 @@ from PIL import Image
 
 from fvar_core.checkpoints import save_checkpoint
 from fvar_core.config import SampleConfig
-from fvar_core.data import write_class_index
+from fvar_core.data.folders import write_class_index
 from fvar_core.presets import load_preset
-from fvar_core.tokenizer import Tokenizer
-from fvar_core.transformer import VAR
+from fvar_core.models.tokenizer import Tokenizer
+from fvar_core.models.transformer import VAR
 
 CLASS_NAMES = [f"n0{i}, thing {i}" for i in range(10)]
 
@@ -195,7 +195,7 @@ def test_converted_official_checkpoints_sample(cli, tiny_ckpt, tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 def test_generate_to_folder_resumes_without_regenerating(tiny_ckpt, tmp_path, monkeypatch):
-    from fvar_core import sample_outputs as sampler
+    from fvar_core.sample import outputs as sampler
 
     out = tmp_path / "gen"
     settings = SampleConfig(top_k=10, top_p=0.9)

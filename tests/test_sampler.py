@@ -14,9 +14,9 @@ import torch.nn.functional as F
 
 from fvar_core.config import ModelConfig, SampleConfig, TokenizerConfig
 from fvar_core.errors import UserError
-from fvar_core.sampler import (candidates, guidance_weight, guide, inverse_cdf, pick_tokens, sample, sample_batch)
-from fvar_core.tokenizer import Tokenizer
-from fvar_core.transformer import VAR
+from fvar_core.sample.sampler import (candidates, guidance_weight, guide, inverse_cdf, pick_tokens, sample, sample_batch)
+from fvar_core.models.tokenizer import Tokenizer
+from fvar_core.models.transformer import VAR
 from tests.test_tokenizer_compat import keyed_init_
 from tests.test_transformer_compat import _close, build_keyed_model
 

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from fvar_cli.app import GROUP, build_app, run
-from fvar_core.data import ImageFolderDataset, scan_image_folder, validate
+from fvar_core.data.folders import ImageFolderDataset, scan_image_folder, validate
 from fvar_core.errors import UserError
 from fvar_core.presets import load_preset
 from fvar_core.hashing import tensors_sha256
-from fvar_core.shards import ShardWriter, TokenShards, shard_name, tokenize_dataset
-from fvar_core.tokenizer import Tokenizer
+from fvar_core.data.shards import ShardWriter, TokenShards, shard_name, tokenize_dataset
+from fvar_core.models.tokenizer import Tokenizer
 
 from .test_data import add_bad_files, make_folder, var_eval_crop
 

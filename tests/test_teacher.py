@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 
 from fvar_core.config import ModelConfig, TeacherConfig
-from fvar_core.distill import distill_loss, feature_alignment, logit_kd, student_ce, teacher_ce
+from fvar_core.train.distill import distill_loss, feature_alignment, logit_kd, student_ce, teacher_ce
 from fvar_core.errors import UserError
-from fvar_core.teacher import Teacher
-from fvar_core.transformer import HAS_FLEX, VAR
+from fvar_core.models.teacher import Teacher
+from fvar_core.models.transformer import HAS_FLEX, VAR
 
 PN = (1, 2, 3, 4)  # L = 30
 ALIAS_V = 16

@@ -15,8 +15,8 @@ import torch
 
 from fvar_core.config import TokenizerConfig
 from fvar_core.errors import UserError
-from fvar_core.quantizer import VAR_PHI_TABLES, default_phi_index, nearest_code, official_phi_index
-from fvar_core.tokenizer import Tokenizer
+from fvar_core.models.quantizer import VAR_PHI_TABLES, default_phi_index, nearest_code, official_phi_index
+from fvar_core.models.tokenizer import Tokenizer
 
 REF_DIR = Path(__file__).parent / "data" / "var-reference"
 PATCH_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
@@ -400,7 +400,7 @@ def test_area_pyramid_is_vars_tokenizer_bit_for_bit():
 @pytest.mark.parametrize("space", ["pixel", "latent"])
 def test_disk_pyramid_batches_the_blurred_scales_and_codes_alias(space):
     from fvar_core.config import PyramidConfig
-    from fvar_core.schedules import radii
+    from fvar_core.focus.schedules import radii
 
     tok = tiny_tokenizer(alias_vocab_size=64)
     img = tiny_images()

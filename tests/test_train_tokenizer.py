@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from fvar_core.presets import load_preset
-from fvar_core.schedules import radii
-from fvar_core.tokenizer_training import TokenizerTask, train_tokenizer
+from fvar_core.focus.schedules import radii
+from fvar_core.train.tokenizer import TokenizerTask, train_tokenizer
 from fvar_core.runs import complete_checkpoints
 
 from .helpers import kill_at_step, make_folder
@@ -111,7 +111,7 @@ def test_perceptual_weights_take_a_torchscript_feature_net(tmp_path):
 
 def test_init_from_a_tokenizer_checkpoint_trains_only_the_alias_codebook(tmp_path):
     from fvar_core.checkpoints import save_checkpoint
-    from fvar_core.tokenizer import Tokenizer
+    from fvar_core.models.tokenizer import Tokenizer
 
     preset = load_preset("tiny-64")
     src = Tokenizer(preset.tokenizer, preset.patch_nums)

@@ -15,13 +15,13 @@ import torch
 
 from fvar_core import checkpoints as ckpt_mod
 from fvar_core.checkpoints import load_checkpoint, save_checkpoint
-from fvar_core.model_loading import build_var
-from fvar_core.data import ImageFolderDataset, scan_image_folder, validate
+from fvar_core.models.loading import build_var
+from fvar_core.data.folders import ImageFolderDataset, scan_image_folder, validate
 from fvar_core.presets import load_preset
 from fvar_core.runs import find_tokenizer
-from fvar_core.shards import tokenize_dataset
-from fvar_core.tokenizer import Tokenizer
-from fvar_core.transformer import VAR
+from fvar_core.data.shards import tokenize_dataset
+from fvar_core.models.tokenizer import Tokenizer
+from fvar_core.models.transformer import VAR
 from fvar_core.runs import complete_checkpoints
 
 from .helpers import kill_at_step, make_folder
@@ -116,7 +116,7 @@ def test_resume_equals_an_uninterrupted_run_bitwise(tokens, cli, tmp_path, monke
     straight = tmp_path / "straight"
     assert cli(mode, *common, "--out", str(straight)).code == 0
     broken = tmp_path / "broken"
-    import fvar_core.transformer_training as tt
+    import fvar_core.train.transformer as tt
 
     if kill == "step":
         kill_at_step(monkeypatch, tt.VARTask, 6)

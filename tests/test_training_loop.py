@@ -13,7 +13,7 @@ from fvar_core import checkpoints as ckpt_mod
 from fvar_core.errors import UserError
 from fvar_core.presets import load_preset
 from fvar_core.runs import complete_checkpoints
-from fvar_core.training import fit
+from fvar_core.train.loop import fit
 
 
 class ToyData(torch.utils.data.Dataset):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from fvar_core.config import ModelConfig
 from fvar_core.errors import UserError
-from fvar_core.transformer import (HAS_FLEX, VAR, attend, scale_block_mask, scale_ids, visibility)
+from fvar_core.models.transformer import (HAS_FLEX, VAR, attend, scale_block_mask, scale_ids, visibility)
 
 REF_DIR = Path(__file__).parent / "data" / "var-reference"
 MANIFEST = REF_DIR / "var_ref_dev.json"

@@ -14,7 +14,7 @@ JsonOption = typer.Option(None, "--json", help="Write the result as JSON here.",
 
 
 def _write(json_out: Optional[Path], doc: dict) -> None:
-    from fvar_core.bench import write_result
+    from fvar_core.pipelines.bench import write_result
 
     if json_out is not None:
         typer.echo(f"wrote {write_result(json_out, doc)}")
@@ -39,7 +39,7 @@ def train_cmd(
     json_out: Optional[Path] = JsonOption,
 ) -> None:
     """Training throughput of the real loop on random tokens: img/s, step ms, peak memory, FLOPs, MFU."""
-    from fvar_core.bench import train_benchmark
+    from fvar_core.pipelines.bench import train_benchmark
     from fvar_core.devices import pick_device
 
     dev = pick_device(device)
@@ -80,7 +80,7 @@ def sample_cmd(
     json_out: Optional[Path] = JsonOption,
 ) -> None:
     """Sampling throughput with and without the VQ-VAE decode, peak memory and FLOPs per image."""
-    from fvar_core.bench import sample_benchmark
+    from fvar_core.pipelines.bench import sample_benchmark
     from fvar_core.devices import pick_device
     from fvar_core.errors import UserError
 

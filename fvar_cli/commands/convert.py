@@ -28,7 +28,7 @@ def import_cmd(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a checkpoint of the same kind at --out."),
 ) -> None:
     """Official .pth → fvar checkpoint; the architecture is read off the weights and checked."""
-    from fvar_core.official import import_official
+    from fvar_core.models.official import import_official
 
     _report("imported", import_official(src, out, preset, overrides or [], overwrite=overwrite))
 
@@ -41,6 +41,6 @@ def export_cmd(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing file at --out."),
 ) -> None:
     """fvar checkpoint → official .pth (exactly the official keys, loadable by the VAR code)."""
-    from fvar_core.official import export_official
+    from fvar_core.models.official import export_official
 
     _report("exported", export_official(checkpoint, out, overwrite=overwrite))

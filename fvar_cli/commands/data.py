@@ -27,7 +27,7 @@ def fashion_mnist(
                                   help="Download from the official location when no local copy exists."),
 ) -> None:
     """Fashion-MNIST (70,000 garment photographs, 10 classes, MIT licence) as RGB PNG folders."""
-    from fvar_core.fashion_mnist import export
+    from fvar_core.data.fashion_mnist import export
 
     splits = [s.strip() for s in split.split(",") if s.strip()]
     res = export(out, source=source, size=size, mode=mode, splits=splits, per_class=per_class,  # type: ignore[arg-type]

@@ -59,7 +59,7 @@ def _progress() -> Iterator:
 
 def _extractor(weights: Optional[Path], device: str):
     from fvar_core.devices import pick_device
-    from fvar_core.features import load_extractor
+    from fvar_core.eval.features import load_extractor
 
     ex = load_extractor(weights, pick_device(device))
     w = ex.weights
@@ -162,7 +162,7 @@ def evaluate(
     if ctx.invoked_subcommand is not None:
         return
     from fvar_core.errors import UserError
-    from fvar_core.evaluate import check_inputs, evaluate_checkpoint, evaluate_samples, parse_metrics, write_report
+    from fvar_core.eval.evaluate import check_inputs, evaluate_checkpoint, evaluate_samples, parse_metrics, write_report
     from fvar_core.interrupt import on_interrupt
 
     if feature_net is not None:
@@ -226,8 +226,8 @@ def _feature_eval(feature_net: Path, ref: str, samples: Optional[Path], ckpt: Op
                   num_samples: Optional[int], seed: int, overrides: dict, out: Optional[Path], real: Optional[Path],
                   tokenizer: Optional[Path], calibration_images: int, device: str, sample_batch: int,
                   kid_subsets: int, kid_subset_size: int, json_out: Optional[Path]) -> None:
-    from fvar_core.evaluate import write_report
-    from fvar_core.feature_metrics import feature_evaluation, format_table
+    from fvar_core.eval.evaluate import write_report
+    from fvar_core.eval.feature_metrics import feature_evaluation, format_table
 
     report = feature_evaluation(feature_net, ref, samples=samples, ckpt=ckpt, per_class=per_class,
                                 num_samples=num_samples, seed=seed, settings_overrides=overrides, out=out, real=real,
@@ -255,7 +255,7 @@ def classifier_train(
     device: str = DeviceOption,
 ) -> None:
     """Train the feature network of offline evaluation (minutes on a CPU for 32 px data)."""
-    from fvar_core.classifier import classifier_config, train_classifier
+    from fvar_core.eval.classifier import classifier_config, train_classifier
 
     cfg = classifier_config(epochs=epochs, resolution=resolution, batch_size=batch, seed=seed)
     res = train_classifier(data, out, cfg, val=val, device=device, say=typer.echo)
@@ -270,7 +270,7 @@ def _reconstruction(tokenizer: Path, data: Path, weights: Optional[Path], device
 
     from fvar_core.devices import pick_device
     from fvar_core.errors import UserError
-    from fvar_core.evaluate import tokenizer_reconstruction, write_report
+    from fvar_core.eval.evaluate import tokenizer_reconstruction, write_report
 
     dev = pick_device(device)
     try:
@@ -306,7 +306,7 @@ def alias(
                                             callback=writable_file),
 ) -> None:
     """`fvar pyramid analyze` over a folder: alias leakage and passband per scale, mean over images."""
-    from fvar_core.evaluate import alias_folder, write_report
+    from fvar_core.eval.evaluate import alias_folder, write_report
 
     from .pyramid import print_alias_table
     from fvar_core.presets import load_preset
@@ -335,7 +335,7 @@ def ref_build(
     batch: int = BatchOpt,
 ) -> None:
     """Compute a named reference once: Inception mean/covariance of every image and a feature set."""
-    from fvar_core.refstats import build_reference, check_name, refs_dir
+    from fvar_core.eval.refstats import build_reference, check_name, refs_dir
 
     check_name(name)
     ex = _extractor(feature_weights, device)
@@ -356,7 +356,7 @@ def ref_list() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from fvar_core.refstats import list_references, refs_dir
+    from fvar_core.eval.refstats import list_references, refs_dir
 
     refs = list_references()
     if not refs:
@@ -376,6 +376,6 @@ def ref_list() -> None:
 @ref_app.command("show")
 def ref_show(name: str = typer.Argument(..., help="Reference name.")) -> None:
     """A reference's description (ref.json): source, preprocessing, counts, extractor and weights hash."""
-    from fvar_core.refstats import read_meta
+    from fvar_core.eval.refstats import read_meta
 
     typer.echo(json.dumps(read_meta(name), indent=2))

@@ -64,7 +64,7 @@ def ablation(
     from dataclasses import replace
 
     from fvar_core.errors import UserError
-    from fvar_core.experiment import BUDGETS, format_table, run_ablation
+    from fvar_core.pipelines.experiment import BUDGETS, format_table, run_ablation
 
     if size not in BUDGETS:
         raise UserError(f"unknown --size {size!r}: choose {' or '.join(BUDGETS)}")
@@ -99,7 +99,7 @@ def alias_audit(
     """Per scale: alias residual energy relative to the structure residual, share of it the alias
     codebook codes, codebook perplexity and dead codes; with --run, the teacher's CE with the true
     and with shuffled alias tokens beside the student's."""
-    from fvar_core.alias_audit import cross_entropy_report, tokenizer_audit
+    from fvar_core.pipelines.alias_audit import cross_entropy_report, tokenizer_audit
     from fvar_core.errors import UserError
 
     if tokenizer is None and run is None:
@@ -110,14 +110,14 @@ def alias_audit(
         raise UserError("--run and --tokens go together")
     report = {}
     if tokenizer is not None:
-        from fvar_core.classifier import labelled_folder
+        from fvar_core.eval.classifier import labelled_folder
         from fvar_core.checkpoints import read_checkpoint_config
         from fvar_core.runs import resolve_checkpoint
 
         _, cfg = read_checkpoint_config(resolve_checkpoint(tokenizer, "--tokenizer"))
         if not data.is_dir():
             raise UserError(f"--data {data}: no such folder")
-        from fvar_core.data import scan_image_folder
+        from fvar_core.data.folders import scan_image_folder
 
         n_cls = max(1, len(scan_image_folder(data).classes))
         images, _, _, _ = labelled_folder(data, int(cfg["preset"]["resolution"]), per_class=max(1, max_images // n_cls))
@@ -149,7 +149,7 @@ def alias_audit(
                 typer.echo(f"  {name:<17} {ce[name]['mean']:.4f}   "
                            + " ".join(f"{v:.3f}" for v in ce[name]["per_scale"]))
     if json_out is not None:
-        from fvar_core.evaluate import write_report
+        from fvar_core.eval.evaluate import write_report
 
         write_report(report, json_out)
         typer.echo(f"wrote {json_out}")

@@ -41,11 +41,11 @@ def inpaint(
     """Regenerate a region of an image (inpainting) or extend it to the full canvas (outpainting),
     keeping the image's own tokens everywhere else at every scale."""
     from fvar_core.errors import UserError
-    from fvar_core.inpaint import check_edit_request, edit_to_dir
+    from fvar_core.sample.inpaint import check_edit_request, edit_to_dir
     from fvar_core.runs import newest_checkpoint
     from fvar_core.checks import parse_classes
-    from fvar_core.sample_loading import load_models
-    from fvar_core.sampler import settings_from
+    from fvar_core.sample.loading import load_models
+    from fvar_core.sample.sampler import settings_from
 
     check_edit_request(box=box, mask=mask, outpaint=outpaint, canvas=canvas, fit=fit)
     if ckpt is None:

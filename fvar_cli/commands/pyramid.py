@@ -48,9 +48,9 @@ def visualize(
     """One figure: rows D_k (area), L_k (focus), A_k (alias, amplified), one column per scale."""
     import torch  # imported here so `fvar --help` stays fast
 
-    from fvar_core.figure import pyramid_figure
-    from fvar_core.images import load_or_builtin, save_png
-    from fvar_core.pyramid import focus_views
+    from fvar_core.focus.figure import pyramid_figure
+    from fvar_core.data.images import load_or_builtin, save_png
+    from fvar_core.focus.pyramid import focus_views
 
     cfg = resolve(preset, overrides, *_pyramid_overrides(kernel, schedule, rho_max), f"pyramid.noise={noise}")
     x, name = load_or_builtin(image, cfg.resolution)
@@ -76,12 +76,12 @@ def analyze(
 ) -> None:
     """Per scale: alias leakage (dB) and passband energy kept, for area vs focus views. IMAGE may
     be a folder: then the figures are means over its images (as `fvar eval alias`)."""
-    from fvar_core.alias import alias_report
-    from fvar_core.images import load_or_builtin
+    from fvar_core.focus.alias import alias_report
+    from fvar_core.data.images import load_or_builtin
 
     cfg = resolve(preset, overrides, *_pyramid_overrides(kernel, schedule, rho_max))
     if Path(image).is_dir():
-        from fvar_core.evaluate import alias_folder
+        from fvar_core.eval.evaluate import alias_folder
 
         report = alias_folder(image, cfg)
         name, scales = f"mean over {report['count']} images of {image}", report["scales"]

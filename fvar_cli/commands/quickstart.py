@@ -35,7 +35,7 @@ def quickstart(
     """The whole pipeline on real data in about 15 minutes on two CPU cores: Fashion-MNIST, the
     dual-path tokenizer, its tokens, teacher–student distillation, samples from the student, and
     an offline evaluation (class-conditional accuracy, feature-space FID) with calibration rows."""
-    from fvar_core.quickstart import quickstart as run, summary
+    from fvar_core.pipelines.quickstart import quickstart as run, summary
 
     res = run(out, dataset=dataset, source=source, download=download, preset=preset, tokenizer_steps=tokenizer_steps,
               steps=steps, per_class=per_class, train_per_class=train_per_class, data_per_class=data_per_class,

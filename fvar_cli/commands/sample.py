@@ -40,9 +40,9 @@ def sample(
     """Sample images of the given classes; defaults come from the checkpoint's preset (`sample:`)."""
     from fvar_core.runs import newest_checkpoint
     from fvar_core.checks import parse_classes
-    from fvar_core.sample_loading import load_models
-    from fvar_core.sample_outputs import progress_bar, sample_to_dir
-    from fvar_core.sampler import settings_from
+    from fvar_core.sample.loading import load_models
+    from fvar_core.sample.outputs import progress_bar, sample_to_dir
+    from fvar_core.sample.sampler import settings_from
 
     if ckpt is None:
         ckpt = newest_checkpoint("var")

@@ -40,8 +40,9 @@ def tokenize(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
         TimeRemainingColumn
 
-    from fvar_core.data import SKIPPED_FILES, validation_report
-    from fvar_core.tokenize import tokenize_folder
+    from fvar_core.data.folders import validation_report
+    from fvar_core.runs import SKIPPED_FILES
+    from fvar_core.data.tokenize import tokenize_folder
 
     err = Console(stderr=True)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

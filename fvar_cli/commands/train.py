@@ -23,7 +23,7 @@ WorkersOption = typer.Option(None, "--workers", min=0, help="Data-loading proces
 def _run(mode: str, preset: str, overrides, tokens, data, tokenizer, out, steps, batch, device, workers,
          allow_data_change: bool, save_teacher: bool = False) -> None:
     from fvar_core.runs import default_run_dir
-    from fvar_core.transformer_training import train_transformer
+    from fvar_core.train.transformer import train_transformer
 
     extra = ([f"train.steps={steps}"] if steps is not None else []) + \
             ([f"train.batch_size={batch}"] if batch is not None else [])

@@ -28,7 +28,7 @@ def train_tokenizer(
     overrides: Optional[List[str]] = SetOption,
 ) -> None:
     """Train the tokenizer (reconstruction + VQ losses for both codebooks); resumes when OUT exists."""
-    from fvar_core.tokenizer_training import train_tokenizer as run_training
+    from fvar_core.train.tokenizer import train_tokenizer as run_training
 
     extra = ([f"tokenizer_train.steps={steps}"] if steps is not None else []) + \
             ([f"tokenizer_train.batch_size={batch}"] if batch is not None else [])

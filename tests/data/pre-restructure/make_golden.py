@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 
 from fvar_core.checkpoints import load_checkpoint
-from fvar_core.model_loading import build_tokenizer, build_var
-from fvar_core.sampler import sample_batch, settings_from
-from fvar_core.testimages import zone_plate
+from fvar_core.models.loading import build_tokenizer, build_var
+from fvar_core.sample.sampler import sample_batch, settings_from
+from fvar_core.focus.testimages import zone_plate
 
 here = Path(__file__).parent
 tk, ck = load_checkpoint(here / "tokenizer"), load_checkpoint(here / "var")

@@ -1,0 +1,1 @@
+"""Evaluation: feature extractors, FID/IS/KID/precision-recall, reference statistics."""

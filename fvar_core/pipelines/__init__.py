@@ -1,0 +1,1 @@
+"""End-to-end runs that chain the stages: quickstart, the ablation experiment, the alias audit, benchmarks."""

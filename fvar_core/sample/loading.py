@@ -1,0 +1,74 @@
+"""A transformer checkpoint and the tokenizer that decodes it, loaded as one pair on one device.
+
+`load_models` finds the tokenizer by `runs.find_tokenizer`'s rule (or the one given), checks it
+is the tokenizer the transformer was trained with (`checks.check_tokenizer_fits`) and records
+both checkpoints' identities for the sidecars of everything sampled from them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+import torch
+
+from fvar_core.checks import check_tokenizer_fits
+from fvar_core.checkpoints import WEIGHTS_NAME, load_checkpoint
+from fvar_core.data.folders import read_class_index
+from fvar_core.devices import pick_device
+from fvar_core.hashing import file_sha256
+from fvar_core.models.loading import build_tokenizer, build_var
+from fvar_core.runs import find_tokenizer, resolve_checkpoint
+
+PathLike = Union[str, Path]
+
+def checkpoint_identity(ckpt) -> Dict[str, Any]:
+    """What names a checkpoint in sidecars: path, weights sha256, preset, step, kind."""
+    return {"path": str(Path(ckpt.path).resolve()), "kind": ckpt.kind,
+            "sha256": file_sha256(Path(ckpt.path) / WEIGHTS_NAME), "preset": ckpt.preset.name,
+            "step": ckpt.provenance.get("step")}
+
+
+@dataclass
+class Models:
+    """A transformer with the tokenizer that decodes it, on one device, in eval mode."""
+
+    var: Any
+    tokenizer: Any
+    var_ckpt: Any  # checkpoints.Checkpoint (state_dict dropped)
+    tok_ckpt: Any
+    device: torch.device
+    identity: Dict[str, Any] = field(default_factory=dict)  # {"checkpoint": ..., "tokenizer": ...}
+
+    @property
+    def preset(self):
+        return self.var_ckpt.preset
+
+
+def load_models(var_ckpt: PathLike, tokenizer: Optional[PathLike] = None, device=None) -> Models:
+    """Load a var checkpoint (or run directory) and its tokenizer (runs.find_tokenizer's rule, or
+    `tokenizer`), check they fit, move both to `device` (default: CUDA if available) in eval mode."""
+    dev = device if isinstance(device, torch.device) else pick_device(device or "auto")
+    ck = load_checkpoint(resolve_checkpoint(var_ckpt, "--ckpt"), expect_kind="var")
+    tok_path = find_tokenizer(ck.path, ck.provenance, tokenizer)
+    tk = load_checkpoint(tok_path, expect_kind="tokenizer")
+    check_tokenizer_fits(ck.preset, tk.preset, f"tokenizer {tk.path}", interface_only=True,
+                         hint=f"not the tokenizer {ck.path} was trained with: pass that one with --tokenizer")
+    var = build_var(ck).to(dev).eval()
+    tok = build_tokenizer(tk).to(dev).eval()
+    identity = {"checkpoint": checkpoint_identity(ck), "tokenizer": checkpoint_identity(tk)}
+    ck.state_dict, tk.state_dict = {}, {}  # the models hold the weights now
+    return Models(var, tok, ck, tk, dev, identity)
+
+
+CLASS_INDEX_NAME = "classes.json"
+
+
+def class_names_for(ckpt_dir: PathLike) -> Optional[List[str]]:
+    """The run's class names: `classes.json` in the checkpoint directory, else in its run directory
+    (two levels up: <run>/checkpoints/step-N); None when neither has one."""
+    d = Path(ckpt_dir)
+    for cand in (d / CLASS_INDEX_NAME, d.parent.parent / CLASS_INDEX_NAME):
+        if cand.is_file():
+            return read_class_index(cand)
+    return None

@@ -1,0 +1,320 @@
+"""Sampling: scale-by-scale autoregressive generation with the KV cache (DESIGN §8, var-facts §2.8).
+
+The sampler is a function over a VAR (the student) and a tokenizer, not a method grown inside the
+model. Per scale si = 0..K−1 (patch number pn, l = pn² tokens):
+
+    logits   = VAR.forward_step(cond, x_si, cache)           (2B or B, l, V) float32
+    guided   = CFG(cond half, null half, si)                  (B, l, V)        see `guide`
+    idx      = top-k / top-p filtered sample                  (B, l)           see `pick_tokens`
+    h        = E[idx]   (or VAR's gumbel-softmax mix with more_smooth)
+    idx, h   = the given tokens where a known-token mask is True (inpainting)
+    f̂, x_next = tokenizer.quantize.next_ar_input(si, f̂, h)    VAR's get_next_autoregressive_input
+
+and the image is `tokenizer.fhat_to_img(f̂)·½ + ½` in [0, 1].
+
+Guidance (`SampleConfig.cfg_mode`), with r = si/(K−1) (cfg_schedule 'linear', VAR's ramp) or r = 1
+('constant'):
+    var:      logits = (1 + t)·cond − t·uncond,  t = cfg·r        (VAR: no guidance at the first
+              scale, full cfg at the last; cfg 0 = off)
+    standard: logits = uncond + w·(cond − uncond),  w = 1 + (cfg − 1)·r   (the DiT/diffusers guidance
+              scale: 1 = off; 'standard' cfg w is VAR's cfg w − 1)
+When guidance is off (var cfg 0, standard cfg 1) the null half is not run at all.
+
+Seeds: every image has its own seed. Its random numbers — one uniform per token per scale, plus
+VAR's gumbel noise with more_smooth — come from a CPU `torch.Generator` seeded with it, and tokens
+are drawn by inverse CDF from those uniforms, so an image does not depend on the batch it shares,
+on chunking or on the device (up to float rounding of the logits). The null-class half uses no
+randomness. This is not the official RNG stream (one `torch.multinomial` over the whole batch), so
+stochastic samples differ from the official code's for the same seed; greedy (top_k 1) and
+teacher-forced runs match it (tests/test_sampler.py).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, List, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+from fvar_core.checks import check_labels
+from fvar_core.config import SampleConfig
+from fvar_core.errors import UserError
+
+PathLike = Union[str, Path]
+# observe(si, guided logits (B, l, V) float32, sampled idx before known-token forcing (B, l))
+Observer = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
+# ------------------------------------------------------------------------------------------------
+# Guidance and token choice (pure functions of tensors)
+# ------------------------------------------------------------------------------------------------
+
+def settings_from(base: SampleConfig, **overrides: Any) -> SampleConfig:
+    """`base` (a preset's `sample` section) with the given non-None fields replaced, validated;
+    a value out of range is a one-line UserError naming the field."""
+    from pydantic import ValidationError
+
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return SampleConfig.model_validate({**base.model_dump(), **given})
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err.get("loc", ())) or "sample settings"
+        raise UserError(f"{where.replace('_', '-')}: {err.get('msg', 'invalid value')} "
+                        f"(got {err.get('input')!r})") from None
+
+
+def guidance_off(s: SampleConfig) -> bool:
+    """True when the guided logits equal the conditional ones at every scale (no null half needed)."""
+    return s.cfg == (0.0 if s.cfg_mode == "var" else 1.0)
+
+
+def guidance_weight(si: int, num_scales: int, s: SampleConfig) -> float:
+    """t of VAR's form (1+t)·cond − t·uncond at scale si, for either cfg_mode."""
+    r = 1.0 if s.cfg_schedule == "constant" else si / max(num_scales - 1, 1)
+    return s.cfg * r if s.cfg_mode == "var" else (s.cfg - 1.0) * r
+
+
+def guide(cond: torch.Tensor, uncond: torch.Tensor, si: int, num_scales: int, s: SampleConfig) -> torch.Tensor:
+    """Guided logits (B, l, V) from the conditional and null-class logits (B, l, V), float32."""
+    t = guidance_weight(si, num_scales, s)
+    if s.cfg_mode == "var":
+        return (1 + t) * cond - t * uncond  # VAR's expression, term for term (var.py:172-173)
+    return uncond + (1 + t) * (cond - uncond)
+
+
+def candidates(logits: torch.Tensor, top_k: int, top_p: float):
+    """The tokens top-k / top-p leave, in candidate space.
+
+    logits (B, l, V) → (values (B, l, n), ids (B, l, n) or None = identity, keep (B, l, n) bool).
+    Same rule as VAR's `sample_with_top_k_top_p_`, without modifying `logits`: top-k keeps the k
+    largest; top-p then drops, in ascending order, tokens whose cumulative probability is ≤ 1 − p
+    (the largest is always kept). With top-k only the k candidates are sorted, not the vocabulary.
+    (Exact ties at the k-th value, which VAR keeps too, are cut to k.)
+    """
+    V = logits.shape[-1]
+    k = top_k if 0 < top_k < V else 0
+    if k == 0 and top_p <= 0:
+        return logits, None, None
+    if k:
+        vals, ids = logits.topk(k, dim=-1, largest=True, sorted=True)  # descending
+    else:
+        vals, ids = logits.sort(dim=-1, descending=True)
+    if top_p <= 0:
+        return vals, ids, None
+    probs = vals.softmax(dim=-1)
+    # VAR's ascending cumsum, read back in descending order: the mass of every token ≤ this one
+    mass_at_or_below = probs.flip(-1).cumsum(-1).flip(-1)
+    keep = mass_at_or_below > (1 - top_p)
+    keep[..., 0] = True
+    return vals, ids, keep
+
+
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Index drawn from unnormalised probabilities (B, l, n) with uniforms u (B, l) in [0, 1) → (B, l).
+
+    The first index whose cumulative mass exceeds u·total: always a token of positive probability
+    (the cdf only rises at those), never past the end."""
+    cdf = probs.cumsum(dim=-1)
+    total = cdf[..., -1:]
+    target = torch.minimum(u.unsqueeze(-1).to(cdf.dtype) * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target.contiguous(), right=True).squeeze(-1).clamp_max_(probs.shape[-1] - 1)
+
+
+def pick_tokens(logits: torch.Tensor, u: torch.Tensor, top_k: int, top_p: float, want_filtered: bool = False):
+    """Sample one token per position. logits (B, l, V) float32, u (B, l) uniforms.
+
+    Returns (idx (B, l) long, filtered logits (B, l, V) with −inf outside the kept set, or None
+    unless want_filtered — VAR's more_smooth mixes the code vectors by the filtered logits)."""
+    vals, ids, keep = candidates(logits, top_k, top_p)
+    if vals.shape[-1] == 1:  # greedy: no randomness needed
+        j = torch.zeros(vals.shape[:-1], dtype=torch.long, device=vals.device)
+    else:
+        probs = (vals - vals.amax(-1, keepdim=True)).exp()  # softmax up to the normaliser
+        if keep is not None:
+            probs = probs.masked_fill(~keep, 0.0)
+        j = inverse_cdf(probs, u)
+    idx = j if ids is None else ids.gather(-1, j.unsqueeze(-1)).squeeze(-1)
+    filtered = None
+    if want_filtered:
+        if ids is None:
+            filtered = logits
+        else:
+            kept = vals if keep is None else vals.masked_fill(~keep, -math.inf)
+            filtered = torch.full_like(logits, -math.inf).scatter_(-1, ids, kept)
+    return idx, filtered
+
+
+def smooth_ratio_tau(si: int, num_scales: int) -> tuple[float, float]:
+    """VAR's more_smooth: logits × (1 + ratio), gumbel temperature max(0.27(1 − 0.95 ratio), 0.005)."""
+    ratio = si / max(num_scales - 1, 1)
+    return ratio, max(0.27 * (1 - ratio * 0.95), 0.005)
+
+
+# ------------------------------------------------------------------------------------------------
+# One batch
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class SampleResult:
+    """tokens: K tensors (N, pn_k²) long (CPU); images: (N, 3, H, W) float32 in [0, 1] (CPU) or None;
+    f_hat: (N, Cv, P, P) float32 on the model's device (from `sample_batch` only)."""
+
+    tokens: List[torch.Tensor]
+    images: Optional[torch.Tensor] = None
+    f_hat: Optional[torch.Tensor] = None
+
+
+def decode_images(tokenizer, f_hat: torch.Tensor) -> torch.Tensor:
+    """f̂ (B, Cv, P, P) → images (B, 3, H, W) float32 in [0, 1] on f̂'s device; bf16 autocast on CUDA
+    (VAR decodes under its sampling autocast too)."""
+    cuda = f_hat.device.type == "cuda"
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+        return (tokenizer.fhat_to_img(f_hat).float() * 0.5 + 0.5).clamp_(0, 1)
+
+
+def _generators(seeds: Sequence[int]) -> List[torch.Generator]:
+    out = []
+    for s in seeds:
+        s = int(s)
+        if not 0 <= s < 2 ** 63:
+            raise UserError(f"seed {s} out of range (0 ≤ seed < 2^63)")
+        out.append(torch.Generator("cpu").manual_seed(s))
+    return out
+
+
+def _uniforms(gens: Sequence[torch.Generator], n: int, device) -> torch.Tensor:
+    """(B, n) uniforms, row b from generator b (a row never sees another row's draws); one copy
+    to the device (pinned and asynchronous on CUDA, so the sampling loop does not wait on it)."""
+    u = torch.stack([torch.rand(n, generator=g) for g in gens])
+    if torch.device(device).type == "cuda":
+        return u.pin_memory().to(device, non_blocking=True)
+    return u.to(device)
+
+
+@torch.no_grad()
+def sample_batch(var, tokenizer, labels: torch.Tensor, seeds: Sequence[int], settings: SampleConfig, *,
+                 known: Optional[Sequence[torch.Tensor]] = None, known_mask: Optional[Sequence[torch.Tensor]] = None,
+                 decode: bool = True, observe: Optional[Observer] = None) -> SampleResult:
+    """Sample B images in one pass (no chunking). Both models on the same device, in eval mode.
+
+    labels: (B,) int64, num_classes = unconditional; seeds: B ints.
+    known / known_mask: K tensors (B, pn_k²) long / bool (masks may be (1, pn_k²)): where the mask
+    is True the given token replaces the sampled one at that scale, in the tokens and in f̂ (and so
+    in every later scale's input) — VAR's zero-shot editing (var-facts §5).
+    observe: called per scale with the guided logits and the sampled tokens (before forcing).
+    """
+    device = var.pos_1LC.device
+    quant = tokenizer.quantize
+    pns, K = var.patch_nums, len(var.patch_nums)
+    if tuple(quant.patch_nums) != tuple(pns):
+        raise UserError(f"tokenizer patch numbers {list(quant.patch_nums)} differ from the model's {list(pns)}")
+    labels = labels.to(device=device, dtype=torch.long).view(-1)
+    B = labels.numel()
+    if len(seeds) != B:
+        raise ValueError(f"{len(seeds)} seeds for {B} labels")
+    check_labels(labels.tolist(), var.num_classes, "labels", allow_null=True)
+    gens = _generators(seeds)
+    # an all-unconditional batch (inpainting's default) has nothing to guide: its null half would
+    # repeat the conditional one
+    guided = not guidance_off(settings) and bool((labels != var.num_classes).any())
+    E = quant.embedding.weight  # (V, Cv)
+    Cv, P = E.shape[1], pns[-1]
+    cuda = device.type == "cuda"
+    # bf16 transformer on CUDA (VAR samples under autocast); CFG, softmax and sampling stay float32
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+
+    lab = torch.cat((labels, torch.full_like(labels, var.num_classes))) if guided else labels
+    cond_BD = var.class_condition(lab)  # (2B or B, C)
+    cache = var.new_kv_cache(lab.numel(), device, dtype=torch.bfloat16 if cuda else torch.float32)
+    f_hat = torch.zeros(B, Cv, P, P, device=device, dtype=torch.float32)
+    tokens: List[torch.Tensor] = []
+    # every image's uniforms for all scales drawn up front (the same numbers as per-scale draws
+    # from its generator) and moved once; with more_smooth the gumbel noise follows them
+    u_all = _uniforms(gens, var.seq_len, device)  # (B, L)
+    if known is not None:
+        known = [k.to(device) for k in known]
+        known_mask = [m.to(device) for m in known_mask]
+    with amp:
+        x = var.first_scale_input(cond_BD)
+        for si, pn in enumerate(pns):
+            logits = var.forward_step(cond_BD, x, cache).float()  # (2B or B, l, V)
+            if guided:
+                logits = guide(logits[:B], logits[B:], si, K, settings)
+            u = u_all[:, slice(*var.begin_ends[si])]
+            idx, filtered = pick_tokens(logits, u, settings.top_k, settings.top_p, want_filtered=settings.more_smooth)
+            if observe is not None:
+                observe(si, logits, idx)
+            if settings.more_smooth:  # VAR's soft code mix (visualisation only, var-facts §2.8)
+                ratio, tau = smooth_ratio_tau(si, K)
+                expo = torch.stack([torch.empty(pn * pn, E.shape[0]).exponential_(generator=g) for g in gens])
+                gumbel = -expo.to(device).log()
+                h = ((filtered * (1 + ratio) + gumbel) / tau).softmax(-1) @ E  # (B, l, Cv)
+            else:
+                h = F.embedding(idx, E)  # (B, l, Cv)
+            if known is not None:
+                m = known_mask[si].expand(B, -1)
+                gt = known[si]
+                idx = torch.where(m, gt, idx)
+                h = torch.where(m.unsqueeze(-1), F.embedding(gt, E), h)
+            tokens.append(idx)
+            h_BChw = h.transpose(1, 2).reshape(B, Cv, pn, pn).float()
+            with torch.autocast(device.type, enabled=False):  # the VQ side in float32 (cheap: Cv × P²)
+                f_hat, nxt = quant.next_ar_input(si, f_hat, h_BChw)
+            if si < K - 1:
+                x = var.scale_input(nxt.flatten(2).transpose(1, 2), si + 1)  # (B, l', C)
+                if guided:
+                    x = x.repeat(2, 1, 1)
+    images = decode_images(tokenizer, f_hat).cpu() if decode else None
+    return SampleResult([t.cpu() for t in tokens], images, f_hat)
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def sample(var, tokenizer, labels: Sequence[int], seeds: Sequence[int], settings: SampleConfig, *,
+           batch_size: Optional[int] = None, known: Optional[Sequence[torch.Tensor]] = None,
+           known_mask: Optional[Sequence[torch.Tensor]] = None, decode: bool = True,
+           progress: Optional[Callable[[int, int], None]] = None) -> SampleResult:
+    """Sample N images in chunks of `batch_size` (default settings.batch_size).
+
+    A chunk that runs out of GPU memory is retried at half the size; because every image has its
+    own seed, chunking never changes an image. known / known_mask as in `sample_batch`, with N rows
+    (masks may have 1). progress(done, N) after every chunk."""
+    lab = torch.as_tensor(list(labels), dtype=torch.long)
+    N = lab.numel()
+    if len(seeds) != N:
+        raise ValueError(f"{len(seeds)} seeds for {N} labels")
+    chunk = max(1, int(batch_size or settings.batch_size))
+    toks: List[List[torch.Tensor]] = []
+    imgs: List[torch.Tensor] = []
+    done = 0
+    while done < N:
+        end = min(N, done + chunk)
+        rows = slice(done, end)
+        kn = [k[rows] for k in known] if known is not None else None
+        km = ([m if m.shape[0] == 1 else m[rows] for m in known_mask] if known_mask is not None else None)
+        try:
+            out = sample_batch(var, tokenizer, lab[rows], list(seeds[done:end]), settings, known=kn,
+                               known_mask=km, decode=decode)
+        except RuntimeError as e:
+            if not _is_oom(e) or var.pos_1LC.device.type != "cuda":
+                raise
+            torch.cuda.empty_cache()
+            if chunk == 1:
+                raise UserError("out of GPU memory even at batch 1: use a smaller model or --device cpu") from None
+            chunk = max(1, chunk // 2)
+            continue
+        toks.append(out.tokens)
+        if out.images is not None:
+            imgs.append(out.images)
+        done = end
+        if progress is not None:
+            progress(done, N)
+    K = len(var.patch_nums)
+    tokens = [torch.cat([t[k] for t in toks]) for k in range(K)] if toks else \
+        [torch.zeros(0, p * p, dtype=torch.long) for p in var.patch_nums]
+    return SampleResult(tokens, torch.cat(imgs) if imgs else None)

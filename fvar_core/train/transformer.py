@@ -1,0 +1,412 @@
+"""Transformer training (`fvar train`) and online distillation (`fvar distill`) as tasks of the one
+loop (`training.fit`, DESIGN §6–7).
+
+Data: token shards (`fvar tokenize`, the fast path: no VAE in the step) or an image folder encoded
+on the fly by the frozen tokenizer (VAR's way, with random crops). Per step, on B items:
+
+    x_in      = tokenizer.quantize.idx_to_var_input(tokens)        (B, L − pn_0², Cz), no gradient
+    train     loss = CE(student(label, x_in), tokens)               plain mean over all B·L tokens
+    distill   labels dropped once for both networks (same null labels), then
+              loss = CE_stu + CE_tea + λ_feat·Σ‖F_stu − sg(F_tea)‖² + λ_logit·KL(p_tea ‖ p_stu)
+              (`distill.distill_loss`); the teacher reads the alias tokens through AG-XAttn.
+
+The checkpoint of either mode is the student alone (kind "var": official VAR keys), so every run's
+checkpoint samples and exports like a VAR checkpoint. A distillation run keeps the teacher's
+weights in the checkpoint's training state (for resume); `--save-teacher` also writes the teacher
+as a checkpoint of its own at the end. The tokenizer is copied once into <run>/tokenizer and each
+checkpoint's provenance points at it (relative path + weights hash, see `runs.find_tokenizer`).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from fvar_core.checks import check_labels, check_tokenizer_fits
+from fvar_core.config import Preset
+from fvar_core.errors import UserError
+
+# VAR's no-weight-decay rule (var-facts §3.3): 1-D parameters, biases, and these names.
+NO_DECAY_NAMES = ("cls_token", "start_token", "task_token", "cfg_uncond", "pos_embed", "pos_1LC", "pos_start",
+                  "start_pos", "lvl_embed", "gamma", "beta", "ada_gss", "moe_bias", "scale_mul")
+# The teacher's own positions/levels follow the same rule.
+NO_DECAY_NAMES_TEACHER = ("alias_pos_1LC", "alias_lvl_embed")
+TOKENIZER_DIR = "tokenizer"
+_MORE_CLASSES = "use a preset with more classes (--set model.num_classes=N)"
+TEACHER_DIR = "teacher"
+
+
+def var_param_groups(model: nn.Module) -> List[Dict[str, Any]]:
+    """AdamW groups with VAR's rule: decay on weights of Linear/Embedding layers only."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        skip = p.ndim <= 1 or name.endswith("bias") or any(n in name for n in NO_DECAY_NAMES + NO_DECAY_NAMES_TEACHER)
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": False}]
+
+
+# ------------------------------------------------------------------------------------------ data
+class ShardItems(torch.utils.data.Dataset):
+    """Token shards as training items (structure (L,), alias (L,) or (0,), label).
+
+    Shards written with `--flip` hold each image twice (item 2j, its mirror 2j+1); with the
+    preset's `data.hflip` one of the pair is picked per (seed, epoch, image), VAR-style random
+    flips without the VAE; without it only the unflipped item is used.
+    """
+
+    def __init__(self, shards: Any, hflip: bool, seed: int):
+        self.shards, self.seed = shards, seed
+        self.variants = int(shards.manifest.get("variants", 1))
+        self.hflip = hflip and self.variants == 2
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.shards) // self.variants
+
+    def __getitem__(self, i: int):
+        j = i * self.variants
+        if self.hflip:
+            j += int(np.random.SeedSequence([self.seed, self.epoch, i, 0xF11B]).generate_state(1)[0] & 1)
+        structure, alias, label = self.shards[j]
+        return structure, (alias if alias is not None else torch.zeros(0, dtype=torch.long)), label
+
+
+# ------------------------------------------------------------------------------------ the models
+class StudentTeacher(nn.Module):
+    """Student and teacher under one root, so one optimiser / DDP wrapper holds both; forward runs
+    both on the same (already dropped) labels."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, feat_blocks: int):
+        super().__init__()
+        self.student, self.teacher, self.feat_blocks = student, teacher, feat_blocks
+
+    def forward(self, label_B: torch.Tensor, x_in: torch.Tensor, alias_BL: torch.Tensor):
+        label_B = self.student.drop_labels(label_B) if self.training else label_B
+        s_logits, s_feats = self.student(label_B, x_in, return_features=self.feat_blocks, label_dropout=False)
+        t_logits, t_feats = self.teacher(label_B, x_in, alias_BL, return_features=self.feat_blocks,
+                                         label_dropout=False)
+        return s_logits, s_feats, t_logits, t_feats
+
+
+def check_shards_fit(preset: Preset, shards: Any, distill: bool) -> None:
+    """Vocabulary, scales and classes of token shards against the preset (one line each)."""
+    m = shards.manifest
+    where = f"token shards {shards.dir}"
+    if list(m["patch_nums"]) != list(preset.patch_nums):
+        raise UserError(f"{where} have patch_nums {list(m['patch_nums'])}, preset {preset.name} "
+                        f"{list(preset.patch_nums)}")
+    if int(m["vocab_size"]) != preset.tokenizer.vocab_size:
+        raise UserError(f"{where} use a vocabulary of {m['vocab_size']} codes, preset {preset.name} "
+                        f"{preset.tokenizer.vocab_size} (tokenizer.vocab_size)")
+    if int(m["alias_vocab_size"]) != preset.tokenizer.alias_tokens:
+        raise UserError(f"{where} have an alias vocabulary of {m['alias_vocab_size']}, preset {preset.name} "
+                        f"{preset.tokenizer.alias_tokens} (tokenizer.alias_vocab_size / shared_codebook)")
+    made = (m.get("preset_config") or {}).get("pyramid")
+    if made is not None:
+        mine = preset.pyramid.model_dump(mode="json")
+        diff = [k for k in mine if made.get(k) != mine[k]]
+        if diff:
+            k = diff[0]
+            raise UserError(f"{where} were encoded with pyramid.{k} {made.get(k)}, preset {preset.name} says {mine[k]}: "
+                            f"tokens carry their pyramid, so tokenize again (fvar tokenize --set pyramid.{k}=…) or "
+                            f"train with --set pyramid.{k}={made.get(k)}")
+    if distill and not shards.has_alias:
+        raise UserError(f"{where} hold no alias tokens: distillation needs a tokenizer with an alias codebook")
+    labels = shards.labels()
+    check_labels(labels, preset.model.num_classes, where, owner=f"preset {preset.name}", hint=_MORE_CLASSES)
+
+
+# -------------------------------------------------------------------------------------- the task
+class VARTask:
+    """`fvar train` (student alone) and `fvar distill` (teacher + student online) for `training.fit`."""
+
+    kind = "var"
+    best_metric = "loss"
+
+    def __init__(self, preset: Preset, tokenizer: nn.Module, *, distill: bool, source: str,
+                 notes: Sequence[str] = (), sample_labels: Optional[Sequence[int]] = None):
+        if source not in ("tokens", "images"):
+            raise ValueError(source)
+        if distill and not preset.teacher.enabled:
+            raise UserError(f"preset {preset.name} has teacher.enabled false (the 'w/o teacher' ablation): "
+                            f"train it with `fvar train`")
+        if distill and not preset.tokenizer.alias_tokens:
+            raise UserError(f"preset {preset.name} has no alias codebook (tokenizer.alias_vocab_size 0): "
+                            f"nothing for a teacher to read; train it with `fvar train`")
+        self.preset, self.cfg = preset, preset.train
+        self.loop_config = preset.train
+        self.mode = "distill" if distill else "train"
+        self.tok = tokenizer.eval().requires_grad_(False)
+        self.distill, self.source = distill, source
+        self.notes = list(notes)
+        self.sample_labels = list(sample_labels) if sample_labels is not None else None
+        self.compiled = None
+
+    # ------------------------------------------------------------------------------ model
+    def build(self) -> nn.Module:
+        from fvar_core.models.teacher import Teacher
+        from fvar_core.models.transformer import VAR
+
+        p = self.preset
+        student = VAR(p.model, p.patch_nums, p.tokenizer.vocab_size, p.tokenizer.z_channels)
+        student.activation_checkpointing = self.cfg.activation_checkpointing
+        self.student = student
+        if not self.distill:
+            self.teacher = None
+            return student
+        teacher = Teacher.from_student(student, p.teacher, p.tokenizer.alias_tokens)
+        teacher.net.activation_checkpointing = self.cfg.activation_checkpointing
+        self.teacher = teacher
+        return StudentTeacher(student, teacher, p.teacher.feat_blocks)
+
+    def param_groups(self, model: nn.Module) -> List[Dict[str, Any]]:
+        return var_param_groups(model)
+
+    def attach(self, model: nn.Module) -> None:
+        self.model = model
+        self.tok.to(next(self.student.parameters()).device)
+        # Whole-model compile (static shapes, no graph breaks in the step: DESIGN §11).
+        self.run = torch.compile(model, dynamic=False) if self.cfg.compile else model
+
+    def describe(self) -> List[str]:
+        p, c = self.preset, self.cfg
+        n = sum(x.numel() for x in self.student.parameters())
+        lines = list(self.notes)
+        lines.append(f"student: VAR depth {p.model.depth}, width {p.model.width}, {n / 1e6:.2f}M parameters, "
+                     f"{p.tokenizer.vocab_size} codes, {len(p.patch_nums)} scales ({self.student.seq_len} tokens)")
+        if self.teacher is not None:
+            t = p.teacher
+            lines.append(f"teacher: AG-XAttn in the last {t.xattn_blocks} blocks ({t.alias_visibility} alias "
+                         f"visibility), λ_feat {t.lambda_feat} on {t.feat_blocks} blocks, λ_logit {t.lambda_logit} "
+                         f"(T={t.kd_temperature}), teacher CE {'on' if t.teacher_ce else 'off'}")
+        lines.append(f"tokens: {'token shards' if self.source == 'tokens' else 'encoded on the fly from images'}"
+                     + (f", focus pyramid {p.pyramid.kernel}" if self.source == "images" else ""))
+        extras = [x for x, on in (("activation checkpointing", c.activation_checkpointing),
+                                  ("torch.compile", c.compile)) if on]
+        if extras:
+            lines.append("on: " + ", ".join(extras))
+        return lines
+
+    # ------------------------------------------------------------------------------- step
+    @torch.no_grad()
+    def tokens(self, batch: Any) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+        """(structure (B, L), alias (B, L) or None, labels (B,)) of a batch of either source."""
+        if self.source == "tokens":
+            structure, alias, label = batch
+            return structure, (alias if alias.numel() else None), label
+        img, label = batch
+        with torch.autocast(img.device.type, enabled=False):
+            toks = self.tok.encode_with_pyramid(img.float(), self.preset.pyramid, self.preset.resolution)
+        alias = torch.cat(toks.alias, dim=1) if toks.alias is not None else None
+        return torch.cat(toks.structure, dim=1), alias, label
+
+    def step(self, batch: Any, step: int):
+        from fvar_core.train.distill import distill_loss
+
+        structure, alias, label = self.tokens(batch)
+        sizes = [p * p for p in self.preset.patch_nums]
+        x_in = self.tok.quantize.idx_to_var_input(list(torch.split(structure, sizes, dim=1)))
+        ls = self.cfg.label_smoothing
+        if self.teacher is None:
+            logits = self.run(label, x_in)
+            loss, parts = distill_loss(logits, structure, self.preset.teacher, label_smoothing=ls)
+        else:
+            logits, s_feats, t_logits, t_feats = self.run(label, x_in, alias)
+            loss, parts = distill_loss(logits, structure, self.preset.teacher, teacher_logits=t_logits,
+                                       student_feats=s_feats, teacher_feats=t_feats, label_smoothing=ls)
+            parts["teacher_acc"] = (t_logits.detach().argmax(-1) == structure).float().mean()
+        with torch.no_grad():
+            hit = logits.detach().argmax(-1) == structure
+            parts["acc"] = hit.float().mean()
+            tail = sizes[-1]
+            parts["tail_acc"] = hit[:, -tail:].float().mean()
+        return loss, parts
+
+    # ---------------------------------------------------------------------------- sampling
+    @torch.no_grad()
+    def on_sample(self, run_dir: Path, step: int) -> None:
+        """A grid of one sample per class of `sample_labels` (seed = index), decoded."""
+        from fvar_core.data.images import save_png
+        from fvar_core.sample.sampler import sample
+
+        if not self.sample_labels:
+            return
+        was = self.student.training
+        self.student.eval()
+        try:
+            out = sample(self.student, self.tok, torch.tensor(self.sample_labels),
+                         seeds=list(range(len(self.sample_labels))), settings=self.preset.sample)
+        finally:
+            self.student.train(was)
+        save_png(torch.cat(list(out.images.float()), dim=2), Path(run_dir) / "samples" / f"step-{step:07d}.png")
+
+    # ------------------------------------------------------------------------- checkpoints
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        return self.student.state_dict()
+
+    def load_state_dict(self, sd: Mapping[str, torch.Tensor]) -> None:
+        from fvar_core.checkpoints import load_strict
+
+        load_strict(self.student, sd, "run checkpoint")
+
+    def extra_state(self) -> Dict[str, Any]:
+        return {"teacher": {k: v.detach().cpu() for k, v in self.teacher.state_dict().items()}} if self.teacher else {}
+
+    def load_extra_state(self, d: Mapping[str, Any]) -> None:
+        if self.teacher is not None:
+            from fvar_core.checkpoints import load_strict
+
+            if not d.get("teacher"):
+                raise UserError("this run's checkpoint holds no teacher weights: it is not a distillation run")
+            load_strict(self.teacher, d["teacher"], "run checkpoint (teacher)")
+
+
+# ------------------------------------------------------------------------------- run plumbing
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def check_run_tokenizer(run_dir: Path, tokenizer_ckpt: Path) -> str:
+    """The sha256 of the tokenizer's weights; a UserError if run_dir was trained with another one."""
+    from fvar_core.checkpoints import WEIGHTS_NAME
+    from fvar_core.hashing import file_sha256
+
+    dst = run_dir / TOKENIZER_DIR
+    want = file_sha256(tokenizer_ckpt / WEIGHTS_NAME)
+    if (dst / WEIGHTS_NAME).is_file() and file_sha256(dst / WEIGHTS_NAME) != want:
+        raise UserError(f"{run_dir} was trained with another tokenizer ({dst}); choose another --out")
+    return want
+
+
+def install_tokenizer(run_dir: Path, tokenizer_ckpt: Path) -> Path:
+    """<run>/tokenizer: one copy (a hard link where possible) of the tokenizer checkpoint the run
+    trains on; a run resumed with another tokenizer is refused."""
+    from fvar_core.checkpoints import CONFIG_NAME, WEIGHTS_NAME
+
+    dst = run_dir / TOKENIZER_DIR
+    check_run_tokenizer(run_dir, tokenizer_ckpt)
+    if (dst / WEIGHTS_NAME).is_file():
+        return dst
+    tmp = run_dir / f".{TOKENIZER_DIR}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        _link_or_copy(tokenizer_ckpt / name, tmp / name)
+    os.replace(tmp, dst)
+    return dst
+
+
+def _tokenizer_of_shards(shards: Any, override: Optional[Path]) -> Path:
+    """The tokenizer that wrote the shards: --tokenizer, else the path their manifest records."""
+    from fvar_core.runs import resolve_checkpoint
+
+    rec = shards.manifest.get("tokenizer") or {}
+    if override is not None:
+        return resolve_checkpoint(override, "--tokenizer")
+    if rec.get("path") and Path(rec["path"]).is_dir():
+        return Path(rec["path"])
+    raise UserError(f"the tokenizer that wrote {shards.dir} ({rec.get('path', '?')}) is not there: pass it "
+                    f"with --tokenizer")
+
+
+def train_transformer(preset: Preset, run_dir: Union[str, Path], *, distill: bool,
+                      tokens: Optional[Union[str, Path]] = None, data: Optional[Union[str, Path]] = None,
+                      tokenizer: Optional[Union[str, Path]] = None, save_teacher: bool = False,
+                      device: Optional[str] = None, console: Any = None, num_workers: Optional[int] = None,
+                      allow_data_change: bool = False):
+    """`fvar train` / `fvar distill`: check every input against the preset, then train (or resume)
+    in run_dir. Exactly one of `tokens` (shards) and `data` (image folder, needs `tokenizer`);
+    resuming on other data needs allow_data_change."""
+    from fvar_core.checkpoints import load_checkpoint
+    from fvar_core.models.loading import build_tokenizer
+    from fvar_core.runs import resolve_checkpoint
+    from fvar_core.data.folders import write_class_index, write_skipped
+    from fvar_core.runs import SKIPPED_FILES
+    from fvar_core.runs import check_run_dir, data_identity
+    from fvar_core.train.loop import fit
+
+    if (tokens is None) == (data is None):
+        raise UserError("give either --tokens SHARDS or --data DIR (with --tokenizer CKPT)")
+    run_dir = Path(run_dir)
+    notes: List[str] = []
+    bad: List[Tuple[Path, str]] = []
+    if tokens is not None:
+        from fvar_core.data.shards import TokenShards
+
+        shards = TokenShards(tokens)
+        check_shards_fit(preset, shards, distill)
+        tok_path = _tokenizer_of_shards(shards, Path(tokenizer) if tokenizer else None)
+        dataset: Any = ShardItems(shards, preset.data.hflip, preset.train.seed)
+        classes = shards.classes
+        notes.append(f"data: token shards {tokens}: {len(dataset)} images"
+                     + (" (+ mirrors)" if dataset.hflip else "") + f", {len(classes)} classes")
+        source = "tokens"
+        identity = data_identity("tokens", tokens, shards.fingerprint())
+    else:
+        from fvar_core.data.folders import ImageFolderDataset, scan_image_folder, validate, validation_report
+
+        if tokenizer is None:
+            raise UserError("--data needs --tokenizer CKPT (the tokenizer to encode the images with)")
+        tok_path = resolve_checkpoint(tokenizer, "--tokenizer")
+        index = scan_image_folder(data)
+        good, bad = validate(index)
+        check_labels(range(len(good.classes)), preset.model.num_classes, f"image folder {data} (classes)",
+                     owner=f"preset {preset.name}", hint=_MORE_CLASSES)
+        notes.append(f"data: {data}: {len(good)} images in {len(good.classes)} classes")
+        if bad:
+            notes.append(validation_report(bad, len(index), listed_in=run_dir / SKIPPED_FILES))
+        dataset = ImageFolderDataset.from_config(good, preset.resolution, preset.data, train=True,
+                                                 seed=preset.train.seed)
+        classes = good.classes
+        source = "images"
+        identity = data_identity("images", data, good.fingerprint())
+
+    tok_ck = load_checkpoint(tok_path, expect_kind="tokenizer")
+    check_tokenizer_fits(preset, tok_ck.preset, f"tokenizer {tok_path}")
+    tok = build_tokenizer(tok_ck)
+    if tokens is not None:
+        from fvar_core.hashing import tensors_sha256
+
+        want = (shards.manifest.get("tokenizer") or {}).get("sha256")
+        if want and tensors_sha256(tok) != want:
+            raise UserError(f"tokenizer {tok_ck.path} is not the one that wrote {tokens} (its weights differ)")
+
+    # Read-only checks on every rank; the files are written by the main process inside `fit`.
+    run = check_run_dir(run_dir, preset)
+    tok_sha = check_run_tokenizer(run_dir, tok_ck.path)
+
+    def prepare(d: Path) -> None:
+        install_tokenizer(d, tok_ck.path)
+        write_class_index(d / "classes.json", classes)
+        write_skipped(d / SKIPPED_FILES, bad)
+
+    n = min(len(classes), 8)
+    task = VARTask(preset, tok, distill=distill, source=source, notes=notes,
+                   sample_labels=[round(i * (len(classes) - 1) / max(n - 1, 1)) for i in range(n)])
+    prov = {"tokenizer": {"path": f"../../{TOKENIZER_DIR}", "sha256": tok_sha},
+            "data": str(Path(tokens if tokens is not None else data).resolve())}
+    res = fit(task, dataset, run, device=device,
+              console=console, num_workers=num_workers, provenance=prov, prepare=prepare, data_identity=identity,
+              allow_data_change=allow_data_change)
+    if distill and save_teacher and res.main_process:
+        save_teacher_checkpoint(task, preset, run_dir, res.step)
+    return res
+
+
+def save_teacher_checkpoint(task: VARTask, preset: Preset, run_dir: Path, step: int) -> Path:
+    """<run>/teacher: the teacher as a checkpoint of kind 'teacher' (not needed for sampling)."""
+    from fvar_core.checkpoints import save_checkpoint
+
+    return save_checkpoint(run_dir / TEACHER_DIR, kind="teacher", preset=preset, state_dict=task.teacher.state_dict(),
+                           provenance={"source": "fvar distill", "step": step})
