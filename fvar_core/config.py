@@ -19,7 +19,7 @@ class _Strict(BaseModel):
 
 
 class PyramidConfig(_Strict):
-    """How the focus pyramid (paper §3.1–3.2, DESIGN §4) builds the view of each scale."""
+    """How the focus pyramid (paper §3.1–3.2, docs/design.md §4) builds the view of each scale."""
 
     kernel: Literal["disk", "gaussian", "box", "area"] = Field(
         "disk", description="defocus PSF; 'area' = no refocusing (VAR's plain area pyramid)")
@@ -107,7 +107,7 @@ class ModelConfig(_Strict):
 
 
 class TeacherConfig(_Strict):
-    """High-frequency residual teacher and online distillation (paper §3.3, §3.5–3.6, DESIGN §6)."""
+    """High-frequency residual teacher and online distillation (paper §3.3, §3.5–3.6, docs/design.md §6)."""
 
     enabled: bool = Field(True, description="false = the 'w/o High-Freq Teacher' ablation")
     xattn_blocks: int = Field(2, ge=1, le=128, description="M: AG-XAttn in the last M blocks")
@@ -184,7 +184,7 @@ class LoopConfig(_Strict):
         return peak * (1 + (self.lr_end - 1) * frac)
 
     def wd_at(self, it: int) -> float:
-        """Weight decay of step `it`: cosine from weight_decay to weight_decay_end (var-facts §3.3)."""
+        """Weight decay of step `it`: cosine from weight_decay to weight_decay_end (docs/var-compat.md §3.3)."""
         t = min(it / max(self.steps - 1, 1), 1.0)
         return self.weight_decay_end + (self.weight_decay - self.weight_decay_end) * (1 + math.cos(math.pi * t)) / 2
 

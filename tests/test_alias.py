@@ -25,7 +25,7 @@ def test_report_has_one_entry_per_scale(zone_report):
 
 
 def test_focus_leaks_at_least_20_db_less_wherever_rho_is_a_pixel(zone_report):
-    # DESIGN §4: disk + area-down leaks 20–30 dB less than area-down alone where ρ_k ≥ 1 px.
+    # docs/design.md §4: disk + area-down leaks 20–30 dB less than area-down alone where ρ_k ≥ 1 px.
     margins = [r.leak_db_area - r.leak_db_focus for r in zone_report if r.rho >= 1.0]
     assert len(margins) == 8
     assert min(margins) >= 20.0

@@ -1,4 +1,4 @@
-"""The fvar checkpoint format (DESIGN §10): round trips, atomic saves, official .pth reading, and the
+"""The fvar checkpoint format (docs/design.md §10): round trips, atomic saves, official .pth reading, and the
 one-line errors a user sees for every way a checkpoint can be wrong."""
 from __future__ import annotations
 

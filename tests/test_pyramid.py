@@ -28,7 +28,7 @@ def test_cosine_schedule_runs_from_rho_max_to_zero_strictly_decreasing():
     assert len(r) == len(PN)
     assert r[0] == 12.0 and r[-1] == 0.0
     assert all(a > b for a, b in zip(r, r[1:]))
-    # DESIGN §4: the corrected Eq. 2, ρ_k = ρ_max (1 + cos(π (k−1)/(K−1))) / 2.
+    # docs/design.md §4: the corrected Eq. 2, ρ_k = ρ_max (1 + cos(π (k−1)/(K−1))) / 2.
     assert r[6] == pytest.approx(3.0) and r[7] == pytest.approx(12 * (1 + math.cos(7 * math.pi / 9)) / 2)
 
 

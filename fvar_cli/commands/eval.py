@@ -1,5 +1,5 @@
 """`fvar eval`: FID / IS / KID / precision-recall of samples or a checkpoint, reference statistics
-(`fvar eval ref build|list|show`), tokenizer reconstruction and folder alias figures (DESIGN §9)."""
+(`fvar eval ref build|list|show`), tokenizer reconstruction and folder alias figures (docs/design.md §9)."""
 from __future__ import annotations
 
 import json

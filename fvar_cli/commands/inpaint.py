@@ -1,4 +1,4 @@
-"""`fvar inpaint`: zero-shot in- and out-painting with a transformer checkpoint (DESIGN §8)."""
+"""`fvar inpaint`: zero-shot in- and out-painting with a transformer checkpoint (docs/design.md §8)."""
 from __future__ import annotations
 
 from pathlib import Path

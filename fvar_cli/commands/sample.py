@@ -1,4 +1,4 @@
-"""`fvar sample`: class-conditional images from a transformer checkpoint (DESIGN §8)."""
+"""`fvar sample`: class-conditional images from a transformer checkpoint (docs/design.md §8)."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""`fvar tokenize`: encode an image folder once into token shards (DESIGN §5)."""
+"""`fvar tokenize`: encode an image folder once into token shards (docs/design.md §5)."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -46,6 +46,7 @@ from PIL import Image
 from fvar_core import envvars
 from fvar_core.atomic import atomic_write_bytes, ensure_dir
 from fvar_core.errors import UserError
+from fvar_core.data.folders import write_class_index
 
 PathLike = Union[str, Path]
 
@@ -281,8 +282,6 @@ def export(out: PathLike, *, source: Optional[PathLike] = None, size: int = 32, 
            "content_sha256": CONTENT_SHA256}
     _check_manifest(out, doc)
     atomic_write_bytes(out / MANIFEST, (json.dumps(doc, indent=2) + "\n").encode())
-    from fvar_core.data.folders import write_class_index
-
     write_class_index(out / "classes.json", [class_folder(k) for k in range(len(CLASSES))])
     counts: Dict[str, List[int]] = {}
     for split in splits:

@@ -1,4 +1,4 @@
-"""Image folders → VAR-preprocessed training images (reference: var-facts §3.5, DESIGN §7).
+"""Image folders → VAR-preprocessed training images (reference: docs/var-compat.md §3.5, docs/design.md §7).
 
 Layout (torchvision's ImageFolder, VAR's ImageNet layout)::
 
@@ -310,6 +310,41 @@ def validate(index: FolderIndex, decode: bool = False, workers: int = 8,
         raise UserError(f"none of the {n} image files under {index.root} is readable "
                         f"(first: {bad[len(index.skipped)][1]})")
     return index.subset(good), bad
+
+
+@dataclass
+class CheckedFolder:
+    """An image folder after the scan and the check: the readable files, and the ones left out."""
+
+    root: Path
+    scanned: FolderIndex              # every file the scan found (after `per_class`)
+    good: FolderIndex                 # the readable ones, to use, in index order
+    bad: List[Tuple[Path, str]]       # (path, reason) of every file left out
+
+    @property
+    def total(self) -> int:
+        return len(self.scanned)
+
+    def summary(self) -> str:
+        return f"{self.root}: {len(self.good)} images in {len(self.good.classes)} classes"
+
+    def report(self, listed_in: Optional[Union[str, Path]] = None) -> Optional[str]:
+        """`validation_report` of the files left out, or None when every file was readable."""
+        return validation_report(self.bad, self.total, listed_in=listed_in) if self.bad else None
+
+    def dataset(self, resolution: int, data_cfg: DataConfig, *, train: bool, seed: int = 0) -> "ImageFolderDataset":
+        return ImageFolderDataset.from_config(self.good, resolution, data_cfg, train=train, seed=seed)
+
+
+def check_folder(root: Union[str, Path], *, per_class: Optional[int] = None, decode: bool = False,
+                 progress: Optional[Callable[[int, int], None]] = None) -> CheckedFolder:
+    """scan → (the first `per_class` images of each class) → validate: what every command that reads
+    an image folder does first. Only the images that will be used are opened."""
+    index = scan_image_folder(root)
+    if per_class is not None:
+        index = index.first_per_class(per_class)
+    good, bad = validate(index, decode=decode, progress=progress)
+    return CheckedFolder(Path(root), index, good, bad)
 
 
 def validation_report(bad: Sequence[Tuple[Path, str]], total: int, limit: int = 5,

@@ -15,6 +15,7 @@ from PIL import Image, UnidentifiedImageError
 
 from fvar_core.atomic import atomic_write_bytes
 from fvar_core.errors import UserError
+from fvar_core.focus.testimages import BUILTIN_IMAGES
 
 # Pillow warns above MAX_IMAGE_PIXELS and raises above twice that; a decompression bomb is refused
 # at the warning already, so a 100k×100k "PNG" of a few kB never reaches memory.
@@ -102,8 +103,6 @@ def load_or_builtin(spec: str, size: int) -> tuple[torch.Tensor, str]:
 
     A file of that name wins over a built-in of the same name.
     """
-    from fvar_core.focus.testimages import BUILTIN_IMAGES
-
     if not Path(spec).exists() and spec in BUILTIN_IMAGES:
         return BUILTIN_IMAGES[spec](size).float(), f"built-in {spec}"
     if not Path(spec).exists() and not Path(spec).suffix:

@@ -1,5 +1,5 @@
 """Token shards: a dataset encoded once by the tokenizer, so transformer training never runs the
-VAE (DESIGN §5). Written by `tokenize_dataset` (`fvar tokenize`), read by `TokenShards`.
+VAE (docs/design.md §5). Written by `tokenize_dataset` (`fvar tokenize`), read by `TokenShards`.
 
 Format `fvar-token-shards`, version 1 — a directory::
 
@@ -58,6 +58,7 @@ from fvar_core.hashing import tensors_sha256
 from fvar_core.atomic import atomic_write_bytes
 from fvar_core.runs import SKIPPED_FILES
 from fvar_core.runlock import LOCK_NAME
+from fvar_core.data.folders import write_class_index
 
 FORMAT = "fvar-token-shards"
 VERSION = 1
@@ -374,8 +375,6 @@ def tokenize_dataset(tokenizer, preset: Preset, dataset, out_dir: Union[str, Pat
     the tokenizer). `progress(done, total)` is called after every batch, counting source images,
     those of kept shards included. `seed` seeds the pyramid noise when the preset has it.
     """
-    from fvar_core.data.folders import write_class_index
-
     if dataset.train or dataset.hflip:
         raise ValueError("tokenize_dataset needs an eval-mode dataset (train=False, hflip=False): "
                          "centre crops make the tokens reproducible")

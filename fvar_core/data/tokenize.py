@@ -15,7 +15,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 from fvar_core.atomic import check_writable, ensure_dir
 from fvar_core.checkpoints import load_checkpoint
 from fvar_core.models.loading import build_tokenizer
-from fvar_core.data.folders import FolderIndex, ImageFolderDataset, scan_image_folder, validate, write_skipped
+from fvar_core.data.folders import check_folder, FolderIndex, write_skipped
 from fvar_core.runs import SKIPPED_FILES
 from fvar_core.devices import pick_device
 from fvar_core.interrupt import on_interrupt
@@ -56,14 +56,12 @@ def tokenize_folder(tokenizer: PathLike, data: PathLike, out: PathLike, *, overr
     check_tokenizer_fits(preset, ckpt.preset, f"tokenizer {ckpt.path}",
                          hint="--set may change the pyramid, not the tokenizer's architecture")
     tok = build_tokenizer(ckpt)
-    index = scan_image_folder(data)
-    if per_class is not None:  # before the check: only the images that will be encoded are opened
-        index = index.first_per_class(per_class)
-    good, bad = validate(index, decode=full_check, progress=check_progress)
+    folder = check_folder(data, per_class=per_class, decode=full_check, progress=check_progress)
+    good, bad = folder.good, folder.bad
     if on_checked is not None:
         on_checked(good, bad, f"{len(good)} images, {len(good.classes)} classes in {data}; tokenizer {ckpt.path} "
                               f"({preset.name}, {preset.resolution}px, {preset.num_scales} scales) on {dev}")
-    dataset = ImageFolderDataset.from_config(good, preset.resolution, preset.data, train=False)
+    dataset = folder.dataset(preset.resolution, preset.data, train=False)
     out = ensure_dir(check_writable(out, "--out", folder=True), "--out")
     with RunLock(out, "token-shard folder"), on_interrupt(lambda: _stopped_at(out)):
         stats = tokenize_dataset(tok, preset, dataset, out, batch_size=batch_size, shard_size=shard_size, flip=flip,

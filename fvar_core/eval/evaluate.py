@@ -1,5 +1,5 @@
 """`fvar eval`: samples (a folder, or generated from a checkpoint) → Inception features → metrics,
-with a JSON report holding every number and the protocol (DESIGN §9, var-facts §4).
+with a JSON report holding every number and the protocol (docs/design.md §9, docs/var-compat.md §4).
 
     samples folder ──imagesets──▶ uint8 batches ──features──▶ pool3 / logits ──metrics──▶ report
     reference spec ──refstats──▶ μ, Σ (+ pool3 set for KID, P/R)  ───────────────────────▶
@@ -29,9 +29,21 @@ import numpy as np
 from fvar_core.errors import UserError
 from fvar_core.eval.features import InceptionFeatures, extract_batch
 from fvar_core.eval.imagesets import FileSet, read_files, samples_folder
-from fvar_core.eval.metrics import (KID_SUBSET_SIZE, KID_SUBSETS, PR_K, SEED, FID_EPS, IS_SPLITS, frechet_distance,
-                      inception_score, kernel_inception_distance, precision_recall)
-from fvar_core.eval.refstats import check_reference, feature_pass, open_reference
+from fvar_core.eval.metrics import (FID_EPS, IS_SPLITS, KID_SUBSETS, KID_SUBSET_SIZE, PR_K, RunningStats, SEED,
+                                    frechet_distance, inception_score, kernel_inception_distance, precision_recall,
+                                    psnr, ssim)
+from fvar_core.eval.refstats import check_reference, feature_pass, open_reference, subset_indices
+from fvar_core.atomic import atomic_write_bytes, ensure_dir
+from fvar_core.checkpoints import WEIGHTS_NAME, load_checkpoint, read_checkpoint_config
+from fvar_core.data.folders import check_folder, ImageFolderDataset, scan_image_folder
+from fvar_core.data.images import fit_square, load_image
+from fvar_core.focus.alias import alias_report
+from fvar_core.hashing import file_sha256
+from fvar_core.models.loading import build_tokenizer
+from fvar_core.presets import validate as validate_preset
+from fvar_core.runs import find_tokenizer, resolve_checkpoint, runs_dir
+from fvar_core.sample.outputs import generate_to_folder, write_json
+from fvar_core.sample.sampler import settings_from
 
 REPORT_FORMAT = "fvar-eval"
 REPORT_VERSION = 1
@@ -88,11 +100,6 @@ def check_inputs(metrics: Sequence[str], ref: str, *, samples: Optional[PathLike
     folder, an empty one, an unknown --ref or a bad .npz is named as such (offline, loading the
     weights would fail first and hide it). Samples or a checkpoint; or tokenizer + data. Returns
     the samples' FileSet (for `evaluate_samples`), else None."""
-    from fvar_core.checkpoints import read_checkpoint_config
-    from fvar_core.data.folders import scan_image_folder
-    from fvar_core.presets import validate
-    from fvar_core.runs import resolve_checkpoint
-
     if tokenizer is not None and data is not None:
         d, cfg = read_checkpoint_config(resolve_checkpoint(tokenizer, "--tokenizer"))
         if cfg["kind"] != "tokenizer":
@@ -106,7 +113,7 @@ def check_inputs(metrics: Sequence[str], ref: str, *, samples: Optional[PathLike
         d, cfg = read_checkpoint_config(resolve_checkpoint(ckpt, "--ckpt"))
         if cfg["kind"] != "var":
             raise UserError(f"--ckpt {d} is a {cfg['kind']} checkpoint, expected a var (transformer) checkpoint")
-        r = validate(cfg["preset"], f"checkpoint {d} preset").resolution
+        r = validate_preset(cfg["preset"], f"checkpoint {d} preset").resolution
         hw = (r, r)
     if any(m in metrics for m in ("fid", "kid", "prc")):
         check_reference(ref, hw)
@@ -198,8 +205,6 @@ def _check_generation(out: Path, doc: Dict[str, Any]) -> None:
 
 def default_samples_dir(ckpt: Path, num_samples: int, seed: int) -> Path:
     """<runs>/eval/<run>-<checkpoint>-n<N>-s<seed>: the same folder on a rerun, so it resumes."""
-    from fvar_core.runs import runs_dir
-
     run = ckpt.parent.parent.name if ckpt.parent.name == "checkpoints" else ckpt.parent.name
     return runs_dir() / "eval" / f"{run}-{ckpt.name}-n{num_samples}-s{seed}"
 
@@ -220,17 +225,10 @@ def generate_samples(ckpt: PathLike, *, num_samples: int, per_class: int, seed: 
     """Generate (or resume) N samples of a var checkpoint into a folder (see the module docstring).
     `before(preset)` runs after the checkpoint is read and before anything is generated (the
     caller's input checks)."""
-    from fvar_core.checkpoints import WEIGHTS_NAME, read_checkpoint_config
-    from fvar_core.hashing import file_sha256
-    from fvar_core.presets import validate
-    from fvar_core.runs import find_tokenizer, resolve_checkpoint
-    from fvar_core.sample.outputs import generate_to_folder, write_json
-    from fvar_core.sample.sampler import settings_from
-
     ck_dir, cfg = read_checkpoint_config(resolve_checkpoint(ckpt, "--ckpt"))
     if cfg["kind"] != "var":
         raise UserError(f"{ck_dir} is a {cfg['kind']} checkpoint, expected a var (transformer) checkpoint")
-    preset = validate(cfg["preset"], f"checkpoint {ck_dir} preset")
+    preset = validate_preset(cfg["preset"], f"checkpoint {ck_dir} preset")
     if before is not None:
         before(preset)
     labels = class_labels(num_samples, per_class, preset.model.num_classes)
@@ -249,8 +247,6 @@ def generate_samples(ckpt: PathLike, *, num_samples: int, per_class: int, seed: 
         "resolution": preset.resolution, "out": str(out_dir.resolve()),
     }
     _check_generation(out_dir, generation)
-    from fvar_core.atomic import ensure_dir
-
     ensure_dir(out_dir, "--out")
     write_json(out_dir / GENERATION_NAME, {**generation, "created": _utc_now()})
     t0 = time.perf_counter()
@@ -300,19 +296,12 @@ def tokenizer_reconstruction(tokenizer: PathLike, data: PathLike, extractor: Opt
     """
     import torch
 
-    from fvar_core.checkpoints import WEIGHTS_NAME, load_checkpoint
-    from fvar_core.models.loading import build_tokenizer
-    from fvar_core.hashing import file_sha256
-    from fvar_core.data.folders import ImageFolderDataset, scan_image_folder, validate
-    from fvar_core.eval.metrics import RunningStats, psnr, ssim
-    from fvar_core.eval.refstats import subset_indices
-    from fvar_core.runs import resolve_checkpoint
-
     dev = torch.device(device or "cpu")
     ck = load_checkpoint(resolve_checkpoint(tokenizer, "--tokenizer"), expect_kind="tokenizer")
     tok = build_tokenizer(ck).to(dev).eval()
     R = ck.preset.resolution
-    good, bad = validate(scan_image_folder(data))
+    folder = check_folder(data)
+    good, bad = folder.good, folder.bad
     if max_images is not None and len(good) > max_images:
         good = good.subset(subset_indices(len(good), max_images).tolist())
     ds = ImageFolderDataset.from_config(good, R, ck.preset.data, train=False)
@@ -382,10 +371,6 @@ def alias_folder(folder: PathLike, preset, max_images: Optional[int] = None,
     the arithmetic mean over images of leak (dB; images with nothing to leak at that scale are
     left out and counted), margin (dB) and passband kept.
     """
-    from fvar_core.focus.alias import alias_report
-    from fvar_core.data.folders import scan_image_folder
-    from fvar_core.data.images import fit_square, load_image
-
     files = list(scan_image_folder(folder).files)
     if max_images is not None:
         files = files[:max_images]
@@ -423,8 +408,6 @@ def alias_folder(folder: PathLike, preset, max_images: Optional[int] = None,
 
 def write_report(report: Dict[str, Any], path: PathLike) -> Path:
     """The report as indented JSON, written atomically."""
-    from fvar_core.atomic import atomic_write_bytes
-
     path = Path(path)
     atomic_write_bytes(path, (json.dumps(report, indent=2, allow_nan=False, default=_json_default) + "\n").encode())
     return path

@@ -24,10 +24,16 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from fvar_core.eval.classifier import LoadedClassifier, labelled_folder, load_images, predict
+from fvar_core.eval.classifier import LoadedClassifier, labelled_folder, load_classifier, load_images, predict
 from fvar_core.errors import UserError
 from fvar_core.eval.metrics import FID_EPS, KID_SUBSET_SIZE, KID_SUBSETS, PR_K, frechet_distance, kernel_inception_distance, \
     mean_cov, precision_recall
+from fvar_core.data.folders import scan_image_folder
+from fvar_core.devices import pick_device
+from fvar_core.eval.evaluate import generate_samples, tokenizer_reconstruction
+from fvar_core.sample.loading import class_names_for
+from fvar_core.checkpoints import read_checkpoint_config
+from fvar_core.runs import find_tokenizer, resolve_checkpoint
 
 PathLike = Union[str, Path]
 REPORT_FORMAT = "fvar-feature-eval"
@@ -174,8 +180,6 @@ def format_table(report: Dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------ the whole evaluation
 def _samples_class_names(folder: Path) -> Optional[List[str]]:
     """The generating run's class names, found through the sample folder's sidecar."""
-    from fvar_core.sample.loading import class_names_for
-
     for side in ("samples.json", "generation.json"):  # both name the checkpoint they came from
         f = folder / side
         if f.is_file():
@@ -191,9 +195,6 @@ def reconstruction_set(tokenizer: PathLike, reference: PathLike, max_images: int
                        device: Optional[str] = None) -> tuple:
     """(ImageSet of the tokenizer's reconstructions of up to max_images reference images, the
     reconstruction report: PSNR/SSIM over the same images)."""
-    from fvar_core.data.folders import scan_image_folder
-    from fvar_core.eval.evaluate import tokenizer_reconstruction
-
     classes = list(scan_image_folder(reference).classes)
     recs: List[torch.Tensor] = []
     names: List[str] = []
@@ -220,10 +221,6 @@ def feature_evaluation(feature_net: PathLike, reference: PathLike, *, samples: O
     reference images by `tokenizer` (default: the checkpoint's) — all against `reference`."""
     import time
 
-    from fvar_core.eval.classifier import load_classifier
-
-    from fvar_core.devices import pick_device
-
     t0 = time.perf_counter()
     device = str(pick_device(device or "auto"))
     if samples is not None and ckpt is not None:
@@ -241,10 +238,6 @@ def feature_evaluation(feature_net: PathLike, reference: PathLike, *, samples: O
     generation = None
     tok_for_recon = tokenizer
     if ckpt is not None:
-        from fvar_core.checkpoints import read_checkpoint_config
-        from fvar_core.eval.evaluate import generate_samples
-        from fvar_core.runs import find_tokenizer, resolve_checkpoint
-
         ck_dir, cfg = read_checkpoint_config(resolve_checkpoint(ckpt, "--ckpt"))
         if cfg["kind"] != "var":
             raise UserError(f"{ck_dir} is a {cfg['kind']} checkpoint, expected a var (transformer) checkpoint")

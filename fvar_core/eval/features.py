@@ -1,4 +1,4 @@
-"""Inception features for FID / IS / KID / precision-recall (DESIGN §9).
+"""Inception features for FID / IS / KID / precision-recall (docs/design.md §9).
 
 The extractor is torch-fidelity's `inception-v3-compat`: the TensorFlow Inception graph of the
 original FID code (and of ADM's evaluator, which VAR's numbers use) ported to PyTorch. Per image:

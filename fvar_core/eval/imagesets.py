@@ -1,4 +1,4 @@
-"""Image sets as streams of uint8 batches for the feature extractor (evaluation, DESIGN §9).
+"""Image sets as streams of uint8 batches for the feature extractor (evaluation, docs/design.md §9).
 
 Three kinds of set:
 
@@ -29,6 +29,7 @@ from PIL import Image
 
 from fvar_core.errors import UserError
 from fvar_core.data.images import UNREADABLE, bomb_guard, open_rgb, unreadable_reason
+from fvar_core.data.folders import images_under, preprocess
 
 PathLike = Union[str, Path]
 Transform = Callable[[Image.Image], np.ndarray]
@@ -52,8 +53,6 @@ def adm_center_crop(im: Image.Image, size: int) -> np.ndarray:
 
 def var_center_crop(im: Image.Image, size: int, mid_reso: float = 1.125) -> np.ndarray:
     """PIL RGB → (size, size, 3) uint8, VAR's evaluation transform (data.preprocess, train=False)."""
-    from fvar_core.data.folders import preprocess
-
     x = preprocess(im, size, mid_reso, train=False, hflip=False, rng=None)  # (3, R, R) in [-1, 1]
     # exact inverse of preprocess's u/255·2−1 on uint8 u (float32 error ≪ 0.5)
     return ((x.permute(1, 2, 0).numpy() + 1.0) * 127.5).round().astype(np.uint8)
@@ -95,8 +94,6 @@ def _image_size(path: Path) -> Tuple[int, int]:
 def folder_images(root: PathLike, what: str) -> List[Path]:
     """Every image file below `root` (recursive, any layout: flat, class folders, or both — unlike
     a training ImageFolder, files beside class folders count too), sorted; none → UserError."""
-    from fvar_core.data.folders import images_under
-
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"{what} {root}: " + ("no such folder" if not root.exists() else "not a folder"))

@@ -44,6 +44,7 @@ from fvar_core.errors import UserError
 from fvar_core.eval.features import InceptionFeatures, extract_batch
 from fvar_core.eval.imagesets import CROP_DESCRIPTION, crop_transform, folder_images, open_npz, read_files
 from fvar_core.eval.metrics import RunningStats
+from fvar_core.data.folders import check_folder
 
 ENV_CACHE = envvars.CACHE
 FORMAT = "fvar-refstats"
@@ -161,15 +162,13 @@ def build_reference(data: PathLike, name: str, resolution: int, extractor: Incep
                     overwrite: bool = False, progress: Optional[Progress] = None,
                     check_progress: Optional[Progress] = None) -> dict:
     """Compute a named reference from an image folder (see the module docstring); returns its ref.json."""
-    from fvar_core.data.folders import scan_image_folder, validate
-
     check_name(name)
     target = refs_dir() / name
     if (target / "ref.json").exists() and not overwrite:
         raise UserError(f"reference '{name}' exists ({target}); pass --overwrite to rebuild it")
     transform = crop_transform(crop, resolution)
-    index = scan_image_folder(data)
-    good, bad = validate(index, progress=check_progress)
+    folder = check_folder(data, progress=check_progress)
+    good, bad = folder.good, folder.bad
     skipped: List[Tuple[Path, str]] = list(bad)
     keep = subset_indices(len(good), max_features)
     p = feature_pass(read_files(list(good.files), batch_size, transform, skipped=skipped), extractor,
@@ -178,8 +177,8 @@ def build_reference(data: PathLike, name: str, resolution: int, extractor: Incep
     meta = {
         "format": FORMAT, "version": VERSION, "name": name, "created": _utc_now(),
         "resolution": resolution, "count": p.stats.n, "features_count": int(len(p.features)),
-        "source": {"kind": "folder", "path": str(Path(data).resolve()), "fingerprint": index.fingerprint(),
-                   "classes": len(index.classes), "files": len(index), "skipped": len(skipped),
+        "source": {"kind": "folder", "path": str(Path(data).resolve()), "fingerprint": folder.scanned.fingerprint(),
+                   "classes": len(folder.scanned.classes), "files": folder.total, "skipped": len(skipped),
                    "skipped_examples": [r for _, r in skipped[:5]]},
         "preprocessing": {"crop": crop, "description": CROP_DESCRIPTION[crop], "resolution": resolution},
         "features_subset": "all" if len(keep) == len(good) else f"{len(keep)} of {len(good)}, "

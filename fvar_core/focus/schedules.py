@@ -1,4 +1,4 @@
-"""Per-scale defocus radii ρ_k and noise levels β_k of the focus pyramid (paper Eq. 2–3, DESIGN §4).
+"""Per-scale defocus radii ρ_k and noise levels β_k of the focus pyramid (paper Eq. 2–3, docs/design.md §4).
 
 Scales are 1-based in the paper (k = 1 … K); the lists returned here are 0-based, one per scale,
 K = len(patch_nums). Radii are in image pixels.
@@ -25,7 +25,7 @@ def radii(schedule: str, rho_max: float, patch_nums: Sequence[int], resolution: 
     """ρ_k in pixels for k = 1 … K, with ρ_1 the coarsest scale and ρ_K = 0.
 
     - ``cosine``: ρ_k = ρ_max·(1 + cos(π(k−1)/(K−1)))/2. Eq. 2 prints 1 − cos, which increases
-      with k; the text (and DESIGN §4) require ρ_1 = ρ_max > … > ρ_K = 0.
+      with k; the text (and docs/design.md §4) require ρ_1 = ρ_max > … > ρ_K = 0.
     - ``linear``: ρ_k = ρ_max·(K−k)/(K−1).
     - ``matched``: the disk whose first spectral zero f0 = 0.6098/ρ sits at the Nyquist frequency of
       the scale's view, v_k/2 cycles per image = v_k/(2·resolution) cycles per pixel, i.e.

@@ -22,7 +22,7 @@ def zone_plate(n: int = 256) -> torch.Tensor:
 
     r is the distance of the pixel centre from the image centre (coordinates arange(n) − n/2 + ½);
     w is a raised-cosine taper, 1 for r < n/2 − 8 and 0 from r = n/2 on, so the corners are flat grey.
-    This exact image is what DESIGN §4's 20–30 dB leakage figures were measured on: keep it.
+    This exact image is what docs/design.md §4's 20–30 dB leakage figures were measured on: keep it.
     """
     c = torch.arange(n, dtype=torch.float64) - n / 2 + 0.5
     r = torch.sqrt(c[:, None] ** 2 + c[None, :] ** 2)

@@ -14,13 +14,14 @@ parameter gets a gradient every step, as DDP expects).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Tuple, Union
+from typing import Dict, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from fvar_core.errors import UserError
+from fvar_core.models.tokenizer import Tokenizer
 
 
 class PatchDiscriminator(nn.Module):
@@ -95,3 +96,27 @@ def load_discriminator(disc: nn.Module, path: Union[str, Path]) -> None:
         raise UserError(f"--disc-weights {path} does not fit the discriminator (tokenizer_train.disc_ch / "
                         f"disc_layers): {', '.join(bad[:4])}" + (f" and {len(bad) - 4} more" if len(bad) > 4 else ""))
     disc.load_state_dict(sd)
+
+
+class TokenizerWithDiscriminator(nn.Module):
+    """Tokenizer and PatchGAN under one root (one optimiser, one DDP wrapper); forward returns the
+    tokenizer's (recon, vq) plus the adversarial (g_loss, d_loss, metrics)."""
+
+    def __init__(self, tokenizer: Tokenizer, disc: nn.Module):
+        super().__init__()
+        self.tokenizer, self.disc = tokenizer, disc
+
+    def forward(self, img: torch.Tensor, focus_imgs: Sequence[torch.Tensor], focus_grad: bool = True):
+        recon, vq = self.tokenizer(img, focus_imgs, focus_grad)
+        return (recon, vq, *adversarial_terms(self.disc, img, recon.float()))
+
+
+def adversarial_loss(nll: torch.Tensor, g_loss: torch.Tensor, d_loss: torch.Tensor, decoder_weight: torch.Tensor,
+                     step: int, cfg) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The term the tokenizer's loss gets, weight·λ·g_loss + d_loss (× 0 before `cfg.disc_start`,
+    not skipped, so every parameter has a gradient for DDP), and λ (VQGAN's adaptive weight
+    against the image-space loss `nll`, at the decoder's last conv; 1 with `disc_adaptive` off)."""
+    on = step >= cfg.disc_start
+    lam = adaptive_weight(nll, g_loss, decoder_weight) if on and cfg.disc_adaptive \
+        else torch.ones((), device=nll.device)
+    return float(on) * (cfg.adversarial_weight * lam * g_loss + d_loss), lam

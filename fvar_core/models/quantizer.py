@@ -1,4 +1,4 @@
-"""Multi-scale residual quantizer: VAR's `VectorQuantizer2` (var-facts §1.3–1.4) + FVAR's dual path.
+"""Multi-scale residual quantizer: VAR's `VectorQuantizer2` (docs/var-compat.md §1.3–1.4) + FVAR's dual path.
 
 VAR's encoding of a latent f (B, Cz, H, W), scales k = 0..K−1 with patch numbers pn_k, H = pn_{K−1}:
 
@@ -7,7 +7,7 @@ VAR's encoding of a latent f (B, Cz, H, W), scales k = 0..K−1 with patch numbe
     h_k   = φ_{t(k)}(bicubic_up(E[idx_k]))                 (no up-sampling at the last scale)
     f̂_k  = f̂_{k−1} + h_k,   r_{k+1} = r_k − h_k
 
-FVAR's dual path (DESIGN §5) swaps the *target* of scale k for the focus latent z_k = E(PSF_ρk ⋆ x):
+FVAR's dual path (docs/design.md §5) swaps the *target* of scale k for the focus latent z_k = E(PSF_ρk ⋆ x):
 the structure codebook codes area_down_k(z_k − f̂_{k−1}); an optional alias codebook codes the
 difference of the two views, area_down_k(f − f̂_{k−1}) − area_down_k(z_k − f̂_{k−1}) =
 area_down_k(f − z_k). f̂, decoding and the transformer's next-scale input are VAR's unchanged, so a
@@ -35,7 +35,7 @@ from fvar_core.errors import UserError
 # Extension keys of this module that the official VQVAE does not have (dropped on export).
 ALIAS_EMBEDDING_KEY = "alias_embedding.weight"
 
-# φ used by each scale with K=4 partially shared convs, as VAR's code picks them (var-facts §1.4).
+# φ used by each scale with K=4 partially shared convs, as VAR's code picks them (docs/var-compat.md §1.4).
 # Scales 2 and 7 of the 10-scale schedule are exact ties in real arithmetic that float64 rounding
 # breaks towards φ1 and φ3; writing the tables down keeps that choice from hiding in rounding.
 VAR_PHI_TABLES = {

@@ -1,4 +1,4 @@
-"""High-frequency residual teacher (paper §3.5, DESIGN §6): VAR + alias tokens via AG-XAttn.
+"""High-frequency residual teacher (paper §3.5, docs/design.md §6): VAR + alias tokens via AG-XAttn.
 
 The teacher is the student's architecture (its own copy of the weights, `self.net`, a `VAR`) plus
   * an alias-token embedding E_a: alias index -> C, with its own level and position embedding, so
@@ -9,8 +9,8 @@ The teacher is the student's architecture (its own copy of the weights, `self.ne
     Queries of scale k see alias tokens of scales <= k (`alias_visibility`: causal; or == k, or all).
     Alias tokens are inputs only: nothing predicts them.
 
-Gate choice. DESIGN writes σ(g); σ never reaches 0, so a σ gate cannot start closed and the teacher
-would not start as the student. We use tanh(g) with g = 0 per channel (Flamingo's gated
+Gate choice (docs/design.md §6). Eq. 10 gates with α ∈ [0, 1]^d, read literally a sigmoid σ(g); σ never
+reaches 0, so a σ gate cannot start closed and the teacher would not start as the student. We use tanh(g) with g = 0 per channel (Flamingo's gated
 cross-attention): exactly closed at init — copied weights give bit-identical logits — and
 d tanh(g)/dg = 1 at 0, so the gate opens on the first step (the cross-attention weights receive
 gradient once the gate is non-zero). Its range (-1, 1) instead of Eq. 10's [0, 1] loses nothing:

@@ -1,5 +1,5 @@
 """The dual-path tokenizer: VAR's VQ-VAE (encoder, quant_conv, multi-scale quantizer,
-post_quant_conv, decoder) plus FVAR's focus encoding (DESIGN §5), and official-format interop.
+post_quant_conv, decoder) plus FVAR's focus encoding (docs/design.md §5), and official-format interop.
 
     img (B, 3, H, W) in [-1, 1] ──encoder──quant_conv──▶ f (B, Cz, H/16, W/16)
     f ──quantizer──▶ K token maps (B, pn_k²) [+ K alias maps] ──▶ f̂ ──post_quant_conv──decoder──▶ img
@@ -131,7 +131,7 @@ class Tokenizer(nn.Module):
         if pyramid_cfg.space == "pixel":
             views = focus_images(img, pyramid_cfg, self.patch_nums, resolution, generator)
             return self.encode_focus_images(img, views, with_energy=with_energy)
-        # Latent-grid variant (an experiment, DESIGN §4): the PSF acts on f, ρ in grid cells.
+        # Latent-grid variant (an experiment, docs/design.md §4): the PSF acts on f, ρ in grid cells.
         self._check_img(img)
         f = self.encode_latent(img)
         zs = focus_images(f, pyramid_cfg, self.patch_nums, self.patch_nums[-1], generator)

@@ -1,4 +1,4 @@
-"""The VAR transformer: FVAR's deployment (student) network (DESIGN §6, var-facts §2).
+"""The VAR transformer: FVAR's deployment (student) network (docs/design.md §6, docs/var-compat.md §2).
 
 State-dict keys, shapes, dtypes and buffers are those of the official VAR release, and so are the
 outputs (tests/data/var-reference): an official `var_d*.pth` loads with `load_official_state_dict`
@@ -7,7 +7,7 @@ how, never what: label dropout only in training mode with a caller-chosen RNG, F
 block-sparse mask for training on CUDA, a preallocated KV cache for inference, no global
 monkeypatching, initialisation in one visible place (`VAR.init_weights`).
 
-Sequence layout (var-facts §2.2): K scales with patch numbers pn_k, L = Σ pn_k² tokens, scale k
+Sequence layout (docs/var-compat.md §2.2): K scales with patch numbers pn_k, L = Σ pn_k² tokens, scale k
 occupying positions begin_ends[k]. Position 0.. first_l-1 carry the class token (start of sequence);
 the tokens of scale k ≥ 1 carry word_embed of the accumulated f̂ of scales < k, area-downsampled to
 pn_k (`x_BLCv_wo_first_l`). The tokens of scale k predict the indices of scale k. Attention is full
@@ -166,7 +166,7 @@ class DropPath(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """VAR's attention (var-facts §2.4): fused qkv without bias + (q_bias, 0, v_bias); with
+    """VAR's attention (docs/var-compat.md §2.4): fused qkv without bias + (q_bias, 0, v_bias); with
     attn_l2_norm, q and k are l2-normalised and q is scaled by a learned per-head temperature
     exp(min(scale_mul_1H11, ln 100)) — softmax scale 1; without it the scale is 0.25/sqrt(c)."""
 
@@ -225,7 +225,7 @@ class SharedAdaLin(nn.Linear):
 
 
 class AdaLNSelfAttn(nn.Module):
-    """Transformer block with adaptive LayerNorm from the class condition (var-facts §2.4):
+    """Transformer block with adaptive LayerNorm from the class condition (docs/var-compat.md §2.4):
         γ1, γ2, s1, s2, b1, b2 = AdaLN(cond)        (this order!)
         x = x + drop_path(attn(LN(x)·(1+s1) + b1) · γ1)
         x = x + drop_path(ffn (LN(x)·(1+s2) + b2) · γ2)
@@ -341,7 +341,7 @@ class VAR(nn.Module):
         self.activation_checkpointing = False
         self.init_weights()
 
-    # --- initialisation: VAR's init_weights (var-facts §2.6), the only place weights are set ---
+    # --- initialisation: VAR's init_weights (docs/var-compat.md §2.6), the only place weights are set ---
     @torch.no_grad()
     def init_weights(self) -> None:
         cfg, C, depth = self.cfg, self.width, self.depth
@@ -444,7 +444,7 @@ class VAR(nn.Module):
         logits = self.get_logits(x, cond_BD)
         return (logits, feats) if return_features else logits
 
-    # --- incremental inference (the sampler drives it; var-facts §2.8) ---
+    # --- incremental inference (the sampler drives it; docs/var-compat.md §2.8) ---
     def new_kv_cache(self, batch: int, device=None, dtype=torch.float32) -> KVCache:
         device = device if device is not None else self.pos_1LC.device
         return KVCache(self.depth, batch, self.num_heads, self.seq_len, self.width // self.num_heads,

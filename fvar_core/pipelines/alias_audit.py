@@ -25,6 +25,15 @@ import torch
 
 from fvar_core.checks import check_tokenizer_fits
 from fvar_core.errors import UserError
+from fvar_core.checkpoints import load_checkpoint, load_strict
+from fvar_core.data.shards import TokenShards
+from fvar_core.focus.pyramid import focus_views
+from fvar_core.focus.schedules import radii
+from fvar_core.models.loading import build_tokenizer
+from fvar_core.models.teacher import Teacher
+from fvar_core.presets import override_preset
+from fvar_core.runs import resolve_checkpoint
+from fvar_core.sample.loading import load_models
 
 PathLike = Union[str, Path]
 
@@ -47,11 +56,6 @@ def tokenizer_audit(tokenizer: PathLike, images: torch.Tensor, *, overrides: Seq
     `overrides`, e.g. pyramid.noise=false) → per-scale residual energies and codebook usage (see the
     module docstring). The pyramid noise, if on, is drawn from `seed`: the audit is deterministic.
     The image-space residual is the optics alone (no noise)."""
-    from fvar_core.checkpoints import load_checkpoint
-    from fvar_core.models.loading import build_tokenizer
-    from fvar_core.presets import override_preset
-    from fvar_core.runs import resolve_checkpoint
-
     ck = load_checkpoint(resolve_checkpoint(tokenizer, "--tokenizer"), expect_kind="tokenizer")
     p = override_preset(ck.preset, list(overrides), f"tokenizer {ck.path}'s preset")
     check_tokenizer_fits(p, ck.preset, f"tokenizer {ck.path}", hint="--set may change the pyramid, not the tokenizer")
@@ -59,9 +63,6 @@ def tokenizer_audit(tokenizer: PathLike, images: torch.Tensor, *, overrides: Seq
     R = p.resolution
     if images.ndim != 4 or tuple(images.shape[1:]) != (3, R, R):
         raise UserError(f"images of shape {tuple(images.shape)}: the tokenizer wants (N, 3, {R}, {R})")
-    from fvar_core.focus.pyramid import focus_views
-    from fvar_core.focus.schedules import radii
-
     K = p.num_scales
     rhos = radii(p.pyramid.schedule, p.pyramid.rho_max, p.patch_nums, R)
     optics = p.pyramid.model_copy(update={"noise": False})  # the image-space residual: optics only
@@ -143,9 +144,6 @@ def per_scale_ce(logits_BLV: torch.Tensor, target_BL: torch.Tensor, patch_nums: 
 
 def load_teacher(path: PathLike, device: str = "cpu"):
     """The teacher a distillation run saved (<run>/teacher, `fvar distill --save-teacher`), in eval mode."""
-    from fvar_core.checkpoints import load_checkpoint, load_strict
-    from fvar_core.models.teacher import Teacher
-
     p = Path(path)
     if (p / "teacher").is_dir():
         p = p / "teacher"
@@ -162,9 +160,6 @@ def cross_entropy_report(run: PathLike, shards: PathLike, *, batch_size: int = 1
                          seed: int = 0, device: str = "cpu") -> Dict[str, Any]:
     """Per-scale CE (nats per token) of a run's student on token shards; with a saved teacher also
     the teacher's, with the true and with shuffled alias tokens (same batches, same labels)."""
-    from fvar_core.sample.loading import load_models
-    from fvar_core.data.shards import TokenShards
-
     models = load_models(run, device=device)
     student, tok, p = models.var, models.tokenizer, models.var_ckpt.preset
     teacher = load_teacher(run, device) if (Path(run) / "teacher").is_dir() else None

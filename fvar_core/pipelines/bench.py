@@ -20,6 +20,13 @@ from typing import Any, Callable, Dict, List, Optional, Union
 import torch
 
 from fvar_core.errors import UserError
+from fvar_core.atomic import atomic_write_bytes
+from fvar_core.models.tokenizer import Tokenizer
+from fvar_core.models.transformer import VAR
+from fvar_core.sample.loading import load_models
+from fvar_core.sample.sampler import decode_images, sample_batch, settings_from
+from fvar_core.train.loop import fit, to_device
+from fvar_core.train.transformer import VARTask
 
 PathLike = Union[str, Path]
 
@@ -231,8 +238,6 @@ def write_result(path: PathLike, doc: Dict[str, Any]) -> Path:
     """A benchmark result as indented JSON, written atomically."""
     import json
 
-    from fvar_core.atomic import atomic_write_bytes
-
     path = Path(path)
     if path.is_dir():
         raise UserError(f"--json {path} is a folder; give the .json file to write")
@@ -252,8 +257,6 @@ def bench_sample(var, tokenizer, settings, *, batch: int, steps: int, warmup: in
 
     Labels cycle through the classes and seeds are 0, 1, …: random-init weights give the same
     work per token as trained ones (no early exit anywhere), so presets can be timed untrained."""
-    from fvar_core.sample.sampler import decode_images, sample_batch
-
     device = var.pos_1LC.device
     nc = var.num_classes
 
@@ -350,10 +353,6 @@ def bench_train(preset, *, distill: bool = False, batch: int = 64, steps: int = 
 
     from rich.console import Console
 
-    from fvar_core.models.tokenizer import Tokenizer
-    from fvar_core.train.loop import fit
-    from fvar_core.train.transformer import VARTask
-
     p = preset
     train = p.train.model_copy(update={"steps": warmup + steps, "batch_size": batch, "log_every": 1,
                                        "sample_every": 0, "grad_accum": 1})
@@ -391,8 +390,6 @@ def count_train_flops(task, item, device: torch.device) -> int:
     """Model FLOPs of one training step's forward + backward for one item (B = 1), fp32, counted
     on the task's (already trained-on) model without torch.compile (FlopCounterMode: matmuls,
     convolutions, attention)."""
-    from fvar_core.train.loop import to_device
-
     compiled, task.run = task.run, task.model
     try:
         task.model.train()
@@ -418,11 +415,6 @@ def sample_benchmark(*, preset=None, ckpt: Optional[PathLike] = None, tokenizer:
                      top_p: Optional[float] = None) -> Dict[str, Any]:
     """`fvar bench sample`: a preset with random-init weights (no checkpoint needed) or a var
     checkpoint with its tokenizer; the result document (machine, model, settings, results)."""
-    from fvar_core.sample.loading import load_models
-    from fvar_core.sample.sampler import settings_from
-    from fvar_core.models.tokenizer import Tokenizer
-    from fvar_core.models.transformer import VAR
-
     if (preset is None) == (ckpt is None):
         raise UserError("give exactly one of --preset NAME (random-init weights) or --ckpt CKPT")
     if preset is not None:

@@ -31,6 +31,20 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from fvar_core.errors import UserError
+from fvar_core.atomic import atomic_write_bytes
+from fvar_core.data.images import load_image, save_png
+from fvar_core.data.tokenize import tokenize_folder
+from fvar_core.devices import pick_device
+from fvar_core.eval.classifier import ClassifierConfig, labelled_folder, train_classifier
+from fvar_core.eval.evaluate import write_report
+from fvar_core.eval.feature_metrics import feature_evaluation, sample_set
+from fvar_core.focus.alias import image_leakage
+from fvar_core.pipelines.alias_audit import cross_entropy_report
+from fvar_core.presets import load_preset
+from fvar_core.sample.outputs import make_grid
+from fvar_core.train.tokenizer import train_tokenizer
+from fvar_core.train.transformer import train_transformer
+from fvar_core.data.fashion_mnist import export
 
 PathLike = Union[str, Path]
 
@@ -97,23 +111,12 @@ def _overrides(budget: Budget, seed: int) -> List[str]:
 
 def _mean_leak(x_uint8, patch_nums, resolution) -> float:
     """Mean over images and scales of `alias.image_leakage` (a fraction of the image energy)."""
-    from fvar_core.focus.alias import image_leakage
-
     return float(image_leakage(x_uint8.double() / 255.0, patch_nums, resolution).mean())
 
 
 def run_cell(out: Path, row_name: str, seed: int, budget: Budget, *, base_overrides: Sequence[str] = (),
              device: Optional[str] = None, say: Callable[[str], None] = print) -> Dict[str, Any]:
     """Train and evaluate one (row, seed); returns (and writes) cells/<row>/seed-<s>/result.json."""
-    from fvar_core.pipelines.alias_audit import cross_entropy_report
-    from fvar_core.devices import pick_device
-    from fvar_core.eval.evaluate import write_report
-    from fvar_core.eval.feature_metrics import feature_evaluation, sample_set
-    from fvar_core.presets import load_preset
-    from fvar_core.data.tokenize import tokenize_folder
-    from fvar_core.train.tokenizer import train_tokenizer
-    from fvar_core.train.transformer import train_transformer
-
     row = ROWS[row_name]
     cell = out / "cells" / row_name / f"seed-{seed}"
     done = cell / "result.json"
@@ -157,9 +160,6 @@ def run_cell(out: Path, row_name: str, seed: int, budget: Budget, *, base_overri
 
 def _real_leak(out: Path, preset, per_class: int) -> float:
     """The real images' leakage (the first `per_class` test images of each class), cached."""
-    from fvar_core.eval.classifier import labelled_folder
-    from fvar_core.eval.evaluate import write_report
-
     path = out / "real-leak.json"
     if path.is_file():
         doc = json.loads(path.read_text(encoding="utf-8"))
@@ -174,9 +174,6 @@ def _real_leak(out: Path, preset, per_class: int) -> float:
 def _prepare(out: Path, budget: Budget, *, data: Optional[PathLike], source: Optional[PathLike],
              download: bool, data_per_class: Optional[int], device: Optional[str], say: Callable[[str], None]) -> None:
     """OUT/data (Fashion-MNIST, or a copy-free link to `data` with train/ and test/) and OUT/classifier."""
-    from fvar_core.eval.classifier import ClassifierConfig, train_classifier
-    from fvar_core.presets import load_preset
-
     res = load_preset(budget.preset).resolution
     d = out / "data"
     if data is not None:
@@ -191,8 +188,6 @@ def _prepare(out: Path, budget: Budget, *, data: Optional[PathLike], source: Opt
         elif d.resolve() != data:
             raise UserError(f"{out} was started on the data in {d.resolve()}, not {data}: use another --out")
     else:
-        from fvar_core.data.fashion_mnist import export
-
         say(f"data: Fashion-MNIST → {d}")
         export(d, source=source, size=res, per_class=data_per_class, allow_download=download,
                say=lambda s: say(f"  {s}"))
@@ -212,9 +207,6 @@ def run_ablation(out: PathLike, *, rows: Sequence[str] = DEFAULT_ROWS, seeds: Se
     """Every (row, seed) cell not yet done, seed-major (so a cut-off run has whole seeds), then the
     summary of every finished cell in OUT (these and earlier ones, rows in ROWS order):
     results.json, table.md, ablation.png. Returns the summary."""
-    from fvar_core.atomic import atomic_write_bytes
-    from fvar_core.eval.evaluate import write_report
-
     out = Path(out)
     bad = [r for r in rows if r not in ROWS]
     if bad:
@@ -362,9 +354,6 @@ def sample_sheet(out: PathLike, path: PathLike, *, seed: int = 0, per_class: int
     lines between), in each the first `per_class` samples of every class of seed `seed` (classes
     left to right), enlarged `zoom` × with nearest-neighbour so pixels stay pixels."""
     import torch
-
-    from fvar_core.data.images import load_image, save_png
-    from fvar_core.sample.outputs import make_grid
 
     out = Path(out)
     rows = [r for r in (rows or ROWS) if (out / "cells" / r / f"seed-{seed}" / "result.json").is_file()]

@@ -25,6 +25,18 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Union
 
 from fvar_core.errors import UserError
+from fvar_core.data.fashion_mnist import export, find_source
+from fvar_core.data.images import load_image, save_png
+from fvar_core.data.tokenize import tokenize_folder
+from fvar_core.eval.classifier import ClassifierConfig, train_classifier
+from fvar_core.eval.evaluate import write_report
+from fvar_core.eval.feature_metrics import feature_evaluation, format_table
+from fvar_core.focus.testimages import DRAWN_CLASSES, draw_image_folder
+from fvar_core.presets import load_preset
+from fvar_core.sample.loading import load_models
+from fvar_core.sample.outputs import make_grid, sample_to_dir
+from fvar_core.train.tokenizer import train_tokenizer
+from fvar_core.train.transformer import train_transformer
 
 PathLike = Union[str, Path]
 
@@ -65,8 +77,6 @@ def _steps_overrides(tokenizer_steps: Optional[int], steps: Optional[int]) -> Li
 
 def fashion_mnist_available(source: Optional[PathLike] = None) -> bool:
     """A local copy exists (the --source folder, Debian's package, or fvar's cache)."""
-    from fvar_core.data.fashion_mnist import find_source
-
     try:
         find_source(source, allow_download=False)
         return True
@@ -111,14 +121,6 @@ def quickstart(out: PathLike, *, dataset: str = "auto", source: Optional[PathLik
 
 def _fashion_mnist(out: Path, *, source, download, preset, tokenizer_steps, steps, per_class, train_per_class,
                    data_per_class, classifier_epochs, device, console, say) -> QuickstartResult:
-    from fvar_core.eval.classifier import ClassifierConfig, train_classifier
-    from fvar_core.data.fashion_mnist import export
-    from fvar_core.eval.feature_metrics import feature_evaluation, format_table
-    from fvar_core.presets import load_preset
-    from fvar_core.data.tokenize import tokenize_folder
-    from fvar_core.train.tokenizer import train_tokenizer
-    from fvar_core.train.transformer import train_transformer
-
     times: Dict[str, float] = {}
     t = time.perf_counter()
     p = load_preset(preset, _steps_overrides(tokenizer_steps, steps))
@@ -165,8 +167,6 @@ def _fashion_mnist(out: Path, *, source, download, preset, tokenizer_steps, step
     times["sample+eval"] = time.perf_counter() - t
     report["quickstart_seconds"] = {k: round(v, 1) for k, v in times.items()}
     grid = _grid(out / "samples", per_class, p.model.num_classes)
-    from fvar_core.eval.evaluate import write_report
-
     write_report(report, out / "report.json")
     table = format_table(report)
     (out / "report.md").write_text(table + "\n", encoding="utf-8")
@@ -177,9 +177,6 @@ def _fashion_mnist(out: Path, *, source, download, preset, tokenizer_steps, step
 def _grid(folder: Path, per_class: int, num_classes: int, cols: int = 10) -> Path:
     """grid.png: the first `cols` samples of every class, one row per class."""
     import torch
-
-    from fvar_core.data.images import load_image, save_png
-    from fvar_core.sample.outputs import make_grid
 
     rows = []
     for c in range(num_classes):
@@ -192,14 +189,6 @@ def _grid(folder: Path, per_class: int, num_classes: int, cols: int = 10) -> Pat
 
 def _drawn(out: Path, *, preset, images_per_class, tokenizer_steps, steps, per_class, device, console,
            say) -> QuickstartResult:
-    from fvar_core.presets import load_preset
-    from fvar_core.sample.loading import load_models
-    from fvar_core.sample.outputs import sample_to_dir
-    from fvar_core.focus.testimages import DRAWN_CLASSES, draw_image_folder
-    from fvar_core.data.tokenize import tokenize_folder
-    from fvar_core.train.tokenizer import train_tokenizer
-    from fvar_core.train.transformer import train_transformer
-
     data = out / "data"
     if not data.is_dir():
         draw_image_folder(data, per_class=images_per_class, seed=0)

@@ -1,4 +1,4 @@
-"""Zero-shot in- and out-painting (DESIGN §8, var-facts §5): sample with the image's own tokens kept.
+"""Zero-shot in- and out-painting (docs/design.md §8, docs/var-compat.md §5): sample with the image's own tokens kept.
 
 The image is encoded with the checkpoint's tokenizer; at every scale the tokens inside the known
 region are replaced by the image's own (in the tokens and in f̂, so every later scale is
@@ -31,6 +31,9 @@ from fvar_core.checks import check_labels
 from fvar_core.config import PyramidConfig, SampleConfig
 from fvar_core.errors import UserError
 from fvar_core.sample.sampler import SampleResult, sample_batch
+from fvar_core.atomic import ensure_dir
+from fvar_core.data.images import fit_square, load_image, open_rgb, save_png
+from fvar_core.sample.outputs import write_json
 
 PathLike = Union[str, Path]
 Box = Tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels, x1 / y1 exclusive
@@ -73,8 +76,6 @@ def box_mask(box: Box, width: int, height: int) -> torch.Tensor:
 def load_mask(path: PathLike, width: int, height: int) -> torch.Tensor:
     """A mask image of the input's size, pure black / white (white = generate) → (H, W) bool."""
     import numpy as np
-
-    from fvar_core.data.images import open_rgb
 
     im = open_rgb(path)
     if im.size != (width, height):
@@ -122,7 +123,7 @@ def token_mask(pixel_generate: torch.Tensor, patch: int) -> torch.Tensor:
 
 
 def keep_masks(generate: torch.Tensor, patch_nums: Sequence[int]) -> List[torch.Tensor]:
-    """VAR's per-scale edit mask (var-facts §5): (P, P) tokens to generate → K tensors (1, pn²) bool,
+    """VAR's per-scale edit mask (docs/var-compat.md §5): (P, P) tokens to generate → K tensors (1, pn²) bool,
     True = keep the given token. keep (P, P) is bilinearly resampled to pn × pn (align_corners
     False), kept where > ½; the 1 × 1 scale (pn² ≤ 3) is always kept."""
     keep = (~generate).float()[None, None]  # (1, 1, P, P)
@@ -149,8 +150,6 @@ class EditInput:
 
 def prepare_inpaint(image: torch.Tensor, generate: torch.Tensor, resolution: int, patch: int) -> EditInput:
     """image (3, H, W) in [0, 1] and its (H, W) bool mask (True = generate) → the R × R edit input."""
-    from fvar_core.data.images import fit_square
-
     if tuple(generate.shape) != tuple(image.shape[1:]):
         raise UserError(f"mask {tuple(generate.shape)} does not match the image {tuple(image.shape[1:])}")
     img = fit_square(image, resolution)
@@ -285,10 +284,6 @@ def edit_to_dir(models, image_path: PathLike, out_dir: PathLike, *, box: Optiona
                 settings: SampleConfig) -> EditRun:
     """Validate the request, edit, write compare.png (input | mask | result), result.png, edit.json.
     label None = unconditional (the null class)."""
-    from fvar_core.data.images import load_image, save_png
-    from fvar_core.atomic import ensure_dir
-    from fvar_core.sample.outputs import write_json
-
     check_edit_request(box=box, mask=mask, outpaint=outpaint, canvas=canvas, fit=fit)
     preset = models.preset
     R, patch = preset.resolution, preset.patch_size

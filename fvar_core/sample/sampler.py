@@ -1,4 +1,4 @@
-"""Sampling: scale-by-scale autoregressive generation with the KV cache (DESIGN §8, var-facts §2.8).
+"""Sampling: scale-by-scale autoregressive generation with the KV cache (docs/design.md §8, docs/var-compat.md §2.8).
 
 The sampler is a function over a VAR (the student) and a tokenizer, not a method grown inside the
 model. Per scale si = 0..K−1 (patch number pn, l = pn² tokens):
@@ -203,7 +203,7 @@ def sample_batch(var, tokenizer, labels: torch.Tensor, seeds: Sequence[int], set
     labels: (B,) int64, num_classes = unconditional; seeds: B ints.
     known / known_mask: K tensors (B, pn_k²) long / bool (masks may be (1, pn_k²)): where the mask
     is True the given token replaces the sampled one at that scale, in the tokens and in f̂ (and so
-    in every later scale's input) — VAR's zero-shot editing (var-facts §5).
+    in every later scale's input) — VAR's zero-shot editing (docs/var-compat.md §5).
     observe: called per scale with the guided logits and the sampled tokens (before forcing).
     """
     device = var.pos_1LC.device
@@ -247,7 +247,7 @@ def sample_batch(var, tokenizer, labels: torch.Tensor, seeds: Sequence[int], set
             idx, filtered = pick_tokens(logits, u, settings.top_k, settings.top_p, want_filtered=settings.more_smooth)
             if observe is not None:
                 observe(si, logits, idx)
-            if settings.more_smooth:  # VAR's soft code mix (visualisation only, var-facts §2.8)
+            if settings.more_smooth:  # VAR's soft code mix (visualisation only, docs/var-compat.md §2.8)
                 ratio, tau = smooth_ratio_tau(si, K)
                 expo = torch.stack([torch.empty(pn * pn, E.shape[0]).exponential_(generator=g) for g in gens])
                 gumbel = -expo.to(device).log()

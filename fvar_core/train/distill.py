@@ -1,8 +1,8 @@
-"""Online distillation losses (paper §3.6, DESIGN §6):
+"""Online distillation losses (paper §3.6, docs/design.md §6):
 
     L = CE_stu + CE_tea + λ_feat Σ_ℓ ‖F_stu^ℓ − sg(F_tea^ℓ)‖² + λ_logit · T² · KL(p_tea^T ‖ p_stu^T)
 
-CE terms are VAR's: plain mean cross-entropy over all B·L tokens (every token weight 1/L, var-facts
+CE terms are VAR's: plain mean cross-entropy over all B·L tokens (every token weight 1/L, docs/var-compat.md
 §3.2), computed from fp32 log-softmax. Features are the hidden states after the last N blocks
 (`feat_blocks`), the squared error averaged over tokens and channels and summed over blocks. The KL
 uses temperature T on both distributions and the customary T² factor (the gradient scale then does

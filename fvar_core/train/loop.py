@@ -48,6 +48,7 @@ from fvar_core.runlock import RunLock
 from fvar_core.runs import (BEST, CHECKPOINTS, CONFIG_YAML, LATEST, METRICS, CheckedRunDir, RunLog, append_line,
                    check_data_identity, check_run_dir, complete_checkpoints, set_aside, step_name,
                    truncate_metrics, usable_checkpoint)
+from fvar_core.presets import preset_to_yaml
 
 STATE_VERSION = 1
 
@@ -312,8 +313,6 @@ def _open_run(acc: Any, run_dir: Path, preset: Preset, console: Any, prepare: Op
               ) -> Tuple[RunLog, Optional[Tuple[int, Path]]]:
     """Pick the checkpoint to resume from (newer broken ones are named, kept and set aside), refuse
     other data, write config.yaml and the caller's files; (the run's log, (step, dir) or None)."""
-    from fvar_core.presets import preset_to_yaml
-
     main = acc.is_main_process
     chosen, skipped = usable_checkpoint(run_dir)
     if skipped and chosen is None:

@@ -1,4 +1,4 @@
-"""Training the dual-path tokenizer (DESIGN §5, paper §4.2) as a task of the one loop (`training.fit`).
+"""Training the dual-path tokenizer (docs/design.md §5, paper §4.2) as a task of the one loop (`training.fit`).
 
 Per step, on a batch x (B, 3, R, R) in [-1, 1]:
     focus images   PSF_ρk ⋆ x per scale (`psf.blur`, ρ_k from `schedules.radii`; scales with
@@ -8,9 +8,9 @@ Per step, on a batch x (B, 3, R, R) in [-1, 1]:
                    [+ perceptual·d_feat(recon, x) when a feature-net file is given]
                    [+ adversarial·λ·g_loss + d_loss with --disc / --disc-weights: `discriminator`]
 Every `dead_code_every` steps, codes of either codebook unused since the last restart are
-re-seeded from random quantizer inputs of the current batch (the residuals the structure codebook
-codes, the alias differences the alias codebook codes). Metrics: the loss parts, PSNR (on [0, 1]),
-and per scale the fraction of each codebook's codes used during the log window.
+re-seeded from random quantizer inputs of the current batch (`train.codebook`). Metrics: the loss
+parts, PSNR (on [0, 1]), and per scale the fraction of each codebook's codes used during the log
+window.
 
 Perceptual loss: `perceptual_weights` is a TorchScript file of a frozen feature network
 x (B, 3, H, W) in [-1, 1] → a feature map or a list/tuple of them; the loss is LPIPS's form with
@@ -18,7 +18,7 @@ uniform layer weights, Σ_l mean ‖n(F_l(recon)) − n(F_l(x))‖² with n = un
 LPIPS's learned linear heads are not applied (export a model that includes them if wanted).
 
 Adversarial term: a PatchGAN trained with the tokenizer in the same step and optimiser (see
-`discriminator` for how one backward serves both players); its weights travel in the training
+`models.discriminator` for how one backward serves both players); its weights travel in the training
 state (resume) and are written to <run>/discriminator.safetensors at the end, which
 `--disc-weights` accepts to start another run from.
 
@@ -33,11 +33,21 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
+from fvar_core.checkpoints import load_checkpoint, load_strict
 from fvar_core.config import Preset
 from fvar_core.errors import UserError
 from fvar_core.focus.pyramid import focus_images
 from fvar_core.focus.schedules import radii
-from fvar_core.models.tokenizer import EXTENSION_KEYS,  Tokenizer
+from fvar_core.models.discriminator import (PatchDiscriminator, TokenizerWithDiscriminator, adversarial_loss,
+                                            load_discriminator)
+from fvar_core.models.tokenizer import EXTENSION_KEYS, Tokenizer
+from fvar_core.runs import SKIPPED_FILES, check_run_dir, data_identity, resolve_checkpoint
+from fvar_core.sample.outputs import make_grid
+from fvar_core.train.codebook import CodebookMonitor
+from fvar_core.data.folders import (check_folder, write_class_index, write_skipped)
+from fvar_core.data.images import save_png
+from fvar_core.train.loop import fit
+from fvar_core.atomic import atomic_write_bytes
 
 ALIAS_PARAM = "quantize.alias_embedding.weight"
 DISCRIMINATOR_FILE = "discriminator.safetensors"
@@ -47,12 +57,6 @@ def psnr(recon: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
     """Mean over images of 10·log10(1 / MSE) on [0, 1] pixels; both (B, 3, H, W) in [-1, 1]."""
     mse = ((recon.clamp(-1, 1) - img) / 2).square().flatten(1).mean(1).clamp_min(1e-10)
     return (-10 * torch.log10(mse)).mean()
-
-
-def image_grid(top: torch.Tensor, bottom: torch.Tensor) -> torch.Tensor:
-    """Two rows of B images (B, 3, H, W) in [-1, 1] → one (3, 2H, B·W) image in [0, 1]."""
-    rows = [torch.cat(list(x.float().clamp(-1, 1)), dim=2) for x in (top, bottom)]
-    return (torch.cat(rows, dim=1) + 1) / 2
 
 
 class FeatureDistance(nn.Module):
@@ -81,19 +85,13 @@ class FeatureDistance(nn.Module):
         return sum((n(x.float()) - n(y.float())).square().sum(1).mean() for x, y in zip(fa, fb)) / len(fa)
 
 
-class TokenizerWithDiscriminator(nn.Module):
-    """Tokenizer and PatchGAN under one root (one optimiser, one DDP wrapper); forward returns the
-    tokenizer's (recon, vq) plus the adversarial (g_loss, d_loss, metrics)."""
-
-    def __init__(self, tokenizer: Tokenizer, disc: nn.Module):
-        super().__init__()
-        self.tokenizer, self.disc = tokenizer, disc
-
-    def forward(self, img: torch.Tensor, focus_imgs: Sequence[torch.Tensor], focus_grad: bool = True):
-        from fvar_core.models.discriminator import adversarial_terms
-
-        recon, vq = self.tokenizer(img, focus_imgs, focus_grad)
-        return (recon, vq, *adversarial_terms(self.disc, img, recon.float()))
+def init_alias_only(tok: Tokenizer, path: Union[str, Path]) -> None:
+    """`--init-from`: load a tokenizer checkpoint's VAR-format weights (e.g. a converted VAR VAE)
+    and freeze everything but the alias codebook, which keeps its initialisation and trains."""
+    ck = load_checkpoint(resolve_checkpoint(path, "--init-from"), expect_kind="tokenizer")
+    tok.load_official_state_dict({k: v for k, v in ck.state_dict.items() if k not in EXTENSION_KEYS})
+    for name, p in tok.named_parameters():
+        p.requires_grad_(name == ALIAS_PARAM)
 
 
 class TokenizerTask:
@@ -126,36 +124,22 @@ class TokenizerTask:
         self.disc = None
         self.sample_images = sample_images
         self.notes = list(notes)
-        self.restarted = {"structure": 0, "alias": 0}
 
     # ------------------------------------------------------------------------------ model
     def build(self) -> nn.Module:
         tok = Tokenizer(self.preset.tokenizer, self.preset.patch_nums)
         if self.init_from is not None:
-            from fvar_core.checkpoints import load_checkpoint
-            from fvar_core.runs import resolve_checkpoint
-
-            ck = load_checkpoint(resolve_checkpoint(self.init_from, "--init-from"), expect_kind="tokenizer")
-            sd = {k: v for k, v in ck.state_dict.items() if k not in EXTENSION_KEYS}
-            tok.load_official_state_dict(sd)
-            for name, p in tok.named_parameters():
-                p.requires_grad_(name == ALIAS_PARAM)
+            init_alias_only(tok, self.init_from)
         self.tok = tok
         self.q = tok.quantize
         model: nn.Module = tok
         if self.use_disc:
-            from fvar_core.models.discriminator import PatchDiscriminator, load_discriminator
-
             self.disc = PatchDiscriminator(self.cfg.disc_ch, self.cfg.disc_layers)
             if self.disc_weights is not None:
                 load_discriminator(self.disc, self.disc_weights)
             model = TokenizerWithDiscriminator(tok, self.disc)
-        K = self.preset.num_scales
-        self._win = torch.zeros(K, self.q.vocab_size)                     # hits in the log window
-        Va = self.preset.tokenizer.alias_vocab_size
-        self._win_a = torch.zeros(K, Va) if Va else None
-        self._dead = torch.zeros(self.q.vocab_size)                       # hits since the last restart
-        self._dead_a = torch.zeros(Va) if Va else None
+        self.codebooks = CodebookMonitor(self.preset.num_scales, self.q.vocab_size,
+                                         self.preset.tokenizer.alias_vocab_size)
         return model
 
     def param_groups(self, model: nn.Module) -> List[Dict[str, Any]]:
@@ -167,11 +151,7 @@ class TokenizerTask:
 
     def attach(self, model: nn.Module) -> None:
         self.model = model
-        dev = next(self.tok.parameters()).device
-        for name in ("_win", "_win_a", "_dead", "_dead_a"):
-            t = getattr(self, name)
-            if t is not None:
-                setattr(self, name, t.to(dev))
+        self.codebooks.to(next(self.tok.parameters()).device)
 
     def describe(self) -> List[str]:
         c = self.cfg
@@ -224,88 +204,25 @@ class TokenizerTask:
             metrics["alias_energy"] = vq.alias_energy.detach()
             metrics["alias_ratio"] = vq.alias_ratio.detach()
         if self.disc is not None:
-            from fvar_core.models.discriminator import adaptive_weight
-
             g_loss, d_loss, d_metrics = out[2], out[3], out[4]
-            on = step >= c.disc_start
-            lam = adaptive_weight(nll, g_loss, self.tok.decoder.conv_out.weight) if on and c.disc_adaptive \
-                else torch.ones((), device=img.device)
-            # before disc_start: × 0, not skipped, so every parameter has a gradient (DDP)
-            loss = loss + float(on) * (c.adversarial_weight * lam * g_loss + d_loss)
+            adv, lam = adversarial_loss(nll, g_loss, d_loss, self.tok.decoder.conv_out.weight, step, c)
+            loss = loss + adv
             metrics.update(g_loss=g_loss.detach(), d_loss=d_loss.detach(), disc_lambda=lam, **d_metrics)
-        with torch.no_grad():
-            self._win += vq.hits_SV
-            self._dead += vq.hits_SV.sum(0)
-            if vq.alias_idx is not None and self._win_a is not None:
-                Va = self._win_a.shape[1]
-                for k, a in enumerate(vq.alias_idx):
-                    h = a.flatten().bincount(minlength=Va).float()
-                    self._win_a[k] += h
-                    self._dead_a += h
+        self.codebooks.record(vq)
         self._last = (img, focus)  # data: no graph to hold; the same object the sharp views are
         return loss, metrics
 
-    # ------------------------------------------------------------------------- dead codes
-    @torch.no_grad()
+    # ------------------------------------------------------------------------- codebooks
     def after_step(self, step: int) -> None:
         every = self.cfg.dead_code_every
-        if not every or step % every:
-            return None
-        img, focus = self._last
-        q = self.q
-        f, zs = self.tok.encode_views(img, focus)
-        f, zs = f.float(), [z.float() for z in zs]
-        toks = q.encode_focus(f, zs)
-        to_nc = lambda x: x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])  # noqa: E731
-        pool = torch.cat([to_nc(q.down(zs[k] - (toks.fhat[k - 1] if k else 0), k)) for k in range(q.num_scales)])
-        if q.embedding.weight.requires_grad:
-            self.restarted["structure"] += self._restart(q.embedding.weight, self._dead, pool)
-        if self._dead_a is not None and q.alias_embedding is not None:
-            diffs = [to_nc(q.down(f - zs[k], k)) for k in range(q.num_scales) if focus[k] is not img]
-            if diffs:
-                self.restarted["alias"] += self._restart(q.alias_embedding.weight, self._dead_a, torch.cat(diffs))
-        self._dead.zero_()
-        if self._dead_a is not None:
-            self._dead_a.zero_()
-        return None
+        if every and step % every == 0:
+            self.codebooks.restart(self.tok, *self._last)
 
-    @staticmethod
-    def _restart(weight: torch.Tensor, hits: torch.Tensor, pool: torch.Tensor) -> int:
-        """Re-seed the codes of `weight` (V, C) with zero `hits` from random rows of pool (N, C)."""
-        from torch import distributed as tdist
-
-        dist = tdist.is_available() and tdist.is_initialized()
-        if dist:
-            hits = hits.clone()
-            tdist.all_reduce(hits)
-        dead = (hits == 0).nonzero().flatten()
-        if len(dead) and len(pool):
-            pick = torch.randint(len(pool), (len(dead),), device=pool.device)
-            new = pool[pick] + 1e-3 * pool.std() * torch.randn(len(dead), pool.shape[1], device=pool.device)
-            weight.data[dead] = new.to(weight.dtype)
-        if dist:
-            tdist.broadcast(weight.data, 0)  # every rank keeps rank 0's codebook
-        return int(len(dead))
-
-    # ---------------------------------------------------------------------------- logging
     def log_metrics(self, step: int) -> Dict[str, Any]:
-        out: Dict[str, Any] = {
-            "usage_structure": [round(float(x), 4) for x in (self._win > 0).float().mean(1)],
-            "codes_structure": [int(x) for x in (self._win > 0).sum(1)],
-            "dead_restarted_structure": self.restarted["structure"]}
-        if self._win_a is not None:
-            out["usage_alias"] = [round(float(x), 4) for x in (self._win_a > 0).float().mean(1)]
-            out["codes_alias"] = [int(x) for x in (self._win_a > 0).sum(1)]
-            out["dead_restarted_alias"] = self.restarted["alias"]
-            self._win_a.zero_()
-        self._win.zero_()
-        self.restarted = {"structure": 0, "alias": 0}
-        return out
+        return self.codebooks.log_metrics()
 
     @torch.no_grad()
     def on_sample(self, run_dir: Path, step: int) -> None:
-        from fvar_core.data.images import save_png
-
         if self.sample_images is None:
             return
         dev = next(self.tok.parameters()).device
@@ -314,26 +231,23 @@ class TokenizerTask:
         self.tok.eval()
         recon, _ = self.tok(img, self.focus_images(img))
         self.tok.train(was)
-        save_png(image_grid(img, recon), Path(run_dir) / "samples" / f"step-{step:07d}.png")
+        # two rows: the images, their reconstructions; [-1, 1] → [0, 1]
+        grid = make_grid((torch.cat([img, recon]).float().clamp(-1, 1) + 1) / 2, cols=len(img), pad=0)
+        save_png(grid, Path(run_dir) / "samples" / f"step-{step:07d}.png")
 
     # ----------------------------------------------------------------------- checkpoints
     def state_dict(self) -> Dict[str, torch.Tensor]:
         return self.tok.state_dict()
 
     def load_state_dict(self, sd: Mapping[str, torch.Tensor]) -> None:
-        from fvar_core.checkpoints import load_strict
-
         load_strict(self.tok, sd, "run checkpoint")
 
     def extra_state(self) -> Dict[str, Any]:
         disc = {k: v.detach().cpu() for k, v in self.disc.state_dict().items()} if self.disc is not None else None
-        return {"record_hit": int(self.q.record_hit), "dead": self._dead.cpu(),
-                "dead_alias": self._dead_a.cpu() if self._dead_a is not None else None, "discriminator": disc}
+        return {"record_hit": int(self.q.record_hit), **self.codebooks.state(), "discriminator": disc}
 
     def load_extra_state(self, d: Mapping[str, Any]) -> None:
         if self.disc is not None:
-            from fvar_core.checkpoints import load_strict
-
             if not d.get("discriminator"):
                 raise UserError("this run's checkpoint holds no discriminator: it was trained without --disc; "
                                 "resume it without --disc / --disc-weights, or choose another --out")
@@ -341,9 +255,7 @@ class TokenizerTask:
         elif d.get("discriminator"):
             raise UserError("this run was trained with a discriminator: resume it with --disc")
         self.q.record_hit = int(d["record_hit"])
-        self._dead = d["dead"].to(self._dead.device)
-        if self._dead_a is not None and d.get("dead_alias") is not None:
-            self._dead_a = d["dead_alias"].to(self._dead_a.device)
+        self.codebooks.load_state(d)
 
 
 def train_tokenizer(preset: Preset, data_root: Union[str, Path], run_dir: Union[str, Path], *,
@@ -355,22 +267,15 @@ def train_tokenizer(preset: Preset, data_root: Union[str, Path], run_dir: Union[
     """`fvar train-tokenizer`: scan and check the image folder (unreadable files are reported and
     skipped, and listed in the run's skipped-files.txt), then train (or resume) the tokenizer in
     run_dir; resuming on another folder needs allow_data_change. Returns `training.FitResult`."""
-    from fvar_core.data.folders import ImageFolderDataset, scan_image_folder, validate, validation_report, write_class_index, write_skipped
-    from fvar_core.runs import SKIPPED_FILES
-    from fvar_core.runs import check_run_dir, data_identity
-    from fvar_core.train.loop import fit
-
     run_dir = Path(run_dir)
-    index = scan_image_folder(data_root)
-    good, bad = validate(index)
-    notes = [f"data: {data_root}: {len(good)} images in {len(good.classes)} classes"]
-    if bad:
-        notes.append(validation_report(bad, len(index), listed_in=run_dir / SKIPPED_FILES))
+    folder = check_folder(data_root)
+    good = folder.good
+    notes = [f"data: {folder.summary()}", *filter(None, [folder.report(listed_in=run_dir / SKIPPED_FILES)])]
     run = check_run_dir(run_dir, preset)  # before the slow set-up; `fit` writes the files (main process)
 
     seed = preset.tokenizer_train.seed
-    data = ImageFolderDataset.from_config(good, preset.resolution, preset.data, train=True, seed=seed)
-    view = ImageFolderDataset.from_config(good, preset.resolution, preset.data, train=False, seed=seed)
+    data = folder.dataset(preset.resolution, preset.data, train=True, seed=seed)
+    view = folder.dataset(preset.resolution, preset.data, train=False, seed=seed)
     n = min(num_samples, len(good))
     picks = torch.linspace(0, len(good) - 1, n).round().long().tolist()
     samples = torch.stack([view[i][0] for i in picks]) if n else None
@@ -382,15 +287,13 @@ def train_tokenizer(preset: Preset, data_root: Union[str, Path], run_dir: Union[
 
     def prepare(d: Path) -> None:
         write_class_index(d / "classes.json", good.classes)
-        write_skipped(d / SKIPPED_FILES, bad)
+        write_skipped(d / SKIPPED_FILES, folder.bad)
 
     res = fit(task, data, run, device=device, console=console,
               provenance=prov, prepare=prepare, data_identity=data_identity("images", data_root, good.fingerprint()),
               allow_data_change=allow_data_change)
     if task.disc is not None and res.main_process:
         from safetensors.torch import save
-
-        from fvar_core.atomic import atomic_write_bytes
 
         atomic_write_bytes(run_dir / DISCRIMINATOR_FILE,
                            save({k: v.detach().cpu().contiguous() for k, v in task.disc.state_dict().items()}))

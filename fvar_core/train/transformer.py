@@ -1,5 +1,5 @@
 """Transformer training (`fvar train`) and online distillation (`fvar distill`) as tasks of the one
-loop (`training.fit`, DESIGN §6–7).
+loop (`training.fit`, docs/design.md §6–7).
 
 Data: token shards (`fvar tokenize`, the fast path: no VAE in the step) or an image folder encoded
 on the fly by the frozen tokenizer (VAR's way, with random crops). Per step, on B items:
@@ -30,8 +30,20 @@ import torch.nn as nn
 from fvar_core.checks import check_labels, check_tokenizer_fits
 from fvar_core.config import Preset
 from fvar_core.errors import UserError
+from fvar_core.checkpoints import CONFIG_NAME, WEIGHTS_NAME, load_checkpoint, load_strict, save_checkpoint
+from fvar_core.data.folders import check_folder, write_class_index, write_skipped
+from fvar_core.data.images import save_png
+from fvar_core.hashing import file_sha256, tensors_sha256
+from fvar_core.models.loading import build_tokenizer
+from fvar_core.models.teacher import Teacher
+from fvar_core.models.transformer import VAR
+from fvar_core.runs import SKIPPED_FILES, check_run_dir, data_identity, resolve_checkpoint
+from fvar_core.sample.sampler import sample
+from fvar_core.train.distill import distill_loss
+from fvar_core.train.loop import fit
+from fvar_core.data.shards import TokenShards
 
-# VAR's no-weight-decay rule (var-facts §3.3): 1-D parameters, biases, and these names.
+# VAR's no-weight-decay rule (docs/var-compat.md §3.3): 1-D parameters, biases, and these names.
 NO_DECAY_NAMES = ("cls_token", "start_token", "task_token", "cfg_uncond", "pos_embed", "pos_1LC", "pos_start",
                   "start_pos", "lvl_embed", "gamma", "beta", "ada_gss", "moe_bias", "scale_mul")
 # The teacher's own positions/levels follow the same rule.
@@ -152,9 +164,6 @@ class VARTask:
 
     # ------------------------------------------------------------------------------ model
     def build(self) -> nn.Module:
-        from fvar_core.models.teacher import Teacher
-        from fvar_core.models.transformer import VAR
-
         p = self.preset
         student = VAR(p.model, p.patch_nums, p.tokenizer.vocab_size, p.tokenizer.z_channels)
         student.activation_checkpointing = self.cfg.activation_checkpointing
@@ -173,7 +182,7 @@ class VARTask:
     def attach(self, model: nn.Module) -> None:
         self.model = model
         self.tok.to(next(self.student.parameters()).device)
-        # Whole-model compile (static shapes, no graph breaks in the step: DESIGN §11).
+        # Whole-model compile (static shapes, no graph breaks in the step: docs/design.md §11).
         self.run = torch.compile(model, dynamic=False) if self.cfg.compile else model
 
     def describe(self) -> List[str]:
@@ -209,8 +218,6 @@ class VARTask:
         return torch.cat(toks.structure, dim=1), alias, label
 
     def step(self, batch: Any, step: int):
-        from fvar_core.train.distill import distill_loss
-
         structure, alias, label = self.tokens(batch)
         sizes = [p * p for p in self.preset.patch_nums]
         x_in = self.tok.quantize.idx_to_var_input(list(torch.split(structure, sizes, dim=1)))
@@ -234,9 +241,6 @@ class VARTask:
     @torch.no_grad()
     def on_sample(self, run_dir: Path, step: int) -> None:
         """A grid of one sample per class of `sample_labels` (seed = index), decoded."""
-        from fvar_core.data.images import save_png
-        from fvar_core.sample.sampler import sample
-
         if not self.sample_labels:
             return
         was = self.student.training
@@ -253,8 +257,6 @@ class VARTask:
         return self.student.state_dict()
 
     def load_state_dict(self, sd: Mapping[str, torch.Tensor]) -> None:
-        from fvar_core.checkpoints import load_strict
-
         load_strict(self.student, sd, "run checkpoint")
 
     def extra_state(self) -> Dict[str, Any]:
@@ -262,8 +264,6 @@ class VARTask:
 
     def load_extra_state(self, d: Mapping[str, Any]) -> None:
         if self.teacher is not None:
-            from fvar_core.checkpoints import load_strict
-
             if not d.get("teacher"):
                 raise UserError("this run's checkpoint holds no teacher weights: it is not a distillation run")
             load_strict(self.teacher, d["teacher"], "run checkpoint (teacher)")
@@ -279,9 +279,6 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 def check_run_tokenizer(run_dir: Path, tokenizer_ckpt: Path) -> str:
     """The sha256 of the tokenizer's weights; a UserError if run_dir was trained with another one."""
-    from fvar_core.checkpoints import WEIGHTS_NAME
-    from fvar_core.hashing import file_sha256
-
     dst = run_dir / TOKENIZER_DIR
     want = file_sha256(tokenizer_ckpt / WEIGHTS_NAME)
     if (dst / WEIGHTS_NAME).is_file() and file_sha256(dst / WEIGHTS_NAME) != want:
@@ -292,8 +289,6 @@ def check_run_tokenizer(run_dir: Path, tokenizer_ckpt: Path) -> str:
 def install_tokenizer(run_dir: Path, tokenizer_ckpt: Path) -> Path:
     """<run>/tokenizer: one copy (a hard link where possible) of the tokenizer checkpoint the run
     trains on; a run resumed with another tokenizer is refused."""
-    from fvar_core.checkpoints import CONFIG_NAME, WEIGHTS_NAME
-
     dst = run_dir / TOKENIZER_DIR
     check_run_tokenizer(run_dir, tokenizer_ckpt)
     if (dst / WEIGHTS_NAME).is_file():
@@ -309,8 +304,6 @@ def install_tokenizer(run_dir: Path, tokenizer_ckpt: Path) -> Path:
 
 def _tokenizer_of_shards(shards: Any, override: Optional[Path]) -> Path:
     """The tokenizer that wrote the shards: --tokenizer, else the path their manifest records."""
-    from fvar_core.runs import resolve_checkpoint
-
     rec = shards.manifest.get("tokenizer") or {}
     if override is not None:
         return resolve_checkpoint(override, "--tokenizer")
@@ -328,22 +321,12 @@ def train_transformer(preset: Preset, run_dir: Union[str, Path], *, distill: boo
     """`fvar train` / `fvar distill`: check every input against the preset, then train (or resume)
     in run_dir. Exactly one of `tokens` (shards) and `data` (image folder, needs `tokenizer`);
     resuming on other data needs allow_data_change."""
-    from fvar_core.checkpoints import load_checkpoint
-    from fvar_core.models.loading import build_tokenizer
-    from fvar_core.runs import resolve_checkpoint
-    from fvar_core.data.folders import write_class_index, write_skipped
-    from fvar_core.runs import SKIPPED_FILES
-    from fvar_core.runs import check_run_dir, data_identity
-    from fvar_core.train.loop import fit
-
     if (tokens is None) == (data is None):
         raise UserError("give either --tokens SHARDS or --data DIR (with --tokenizer CKPT)")
     run_dir = Path(run_dir)
     notes: List[str] = []
     bad: List[Tuple[Path, str]] = []
     if tokens is not None:
-        from fvar_core.data.shards import TokenShards
-
         shards = TokenShards(tokens)
         check_shards_fit(preset, shards, distill)
         tok_path = _tokenizer_of_shards(shards, Path(tokenizer) if tokenizer else None)
@@ -354,20 +337,15 @@ def train_transformer(preset: Preset, run_dir: Union[str, Path], *, distill: boo
         source = "tokens"
         identity = data_identity("tokens", tokens, shards.fingerprint())
     else:
-        from fvar_core.data.folders import ImageFolderDataset, scan_image_folder, validate, validation_report
-
         if tokenizer is None:
             raise UserError("--data needs --tokenizer CKPT (the tokenizer to encode the images with)")
         tok_path = resolve_checkpoint(tokenizer, "--tokenizer")
-        index = scan_image_folder(data)
-        good, bad = validate(index)
+        folder = check_folder(data)
+        good = folder.good
         check_labels(range(len(good.classes)), preset.model.num_classes, f"image folder {data} (classes)",
                      owner=f"preset {preset.name}", hint=_MORE_CLASSES)
-        notes.append(f"data: {data}: {len(good)} images in {len(good.classes)} classes")
-        if bad:
-            notes.append(validation_report(bad, len(index), listed_in=run_dir / SKIPPED_FILES))
-        dataset = ImageFolderDataset.from_config(good, preset.resolution, preset.data, train=True,
-                                                 seed=preset.train.seed)
+        notes += [f"data: {folder.summary()}", *filter(None, [folder.report(listed_in=run_dir / SKIPPED_FILES)])]
+        dataset = folder.dataset(preset.resolution, preset.data, train=True, seed=preset.train.seed)
         classes = good.classes
         source = "images"
         identity = data_identity("images", data, good.fingerprint())
@@ -376,8 +354,6 @@ def train_transformer(preset: Preset, run_dir: Union[str, Path], *, distill: boo
     check_tokenizer_fits(preset, tok_ck.preset, f"tokenizer {tok_path}")
     tok = build_tokenizer(tok_ck)
     if tokens is not None:
-        from fvar_core.hashing import tensors_sha256
-
         want = (shards.manifest.get("tokenizer") or {}).get("sha256")
         if want and tensors_sha256(tok) != want:
             raise UserError(f"tokenizer {tok_ck.path} is not the one that wrote {tokens} (its weights differ)")
@@ -406,7 +382,5 @@ def train_transformer(preset: Preset, run_dir: Union[str, Path], *, distill: boo
 
 def save_teacher_checkpoint(task: VARTask, preset: Preset, run_dir: Path, step: int) -> Path:
     """<run>/teacher: the teacher as a checkpoint of kind 'teacher' (not needed for sampling)."""
-    from fvar_core.checkpoints import save_checkpoint
-
     return save_checkpoint(run_dir / TEACHER_DIR, kind="teacher", preset=preset, state_dict=task.teacher.state_dict(),
                            provenance={"source": "fvar distill", "step": step})
