@@ -34,6 +34,7 @@ from fvar_core.atomic import umask, write_error
 from fvar_core.config import Preset
 from fvar_core.errors import UserError
 from fvar_core.hashing import file_sha256
+from fvar_core.jsondocs import read_json_doc
 from fvar_core.presets import validate
 
 FORMAT = "fvar-checkpoint"
@@ -221,23 +222,8 @@ def read_checkpoint_config(path: PathLike) -> tuple[Path, dict[str, Any]]:
     cfg_path = d / CONFIG_NAME
     if not cfg_path.is_file():
         raise UserError(f"{d} has no {CONFIG_NAME}: not an fvar checkpoint")
-    try:
-        data = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{cfg_path} is corrupt: not valid JSON (line {e.lineno}: {e.msg})") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{cfg_path} is corrupt: not UTF-8 text") from None
-    except OSError as e:
-        raise UserError(f"cannot read {cfg_path}: {e.strerror or e}") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        got = data.get("format") if isinstance(data, dict) else type(data).__name__
-        raise UserError(f"{cfg_path} is not an fvar checkpoint config (format {got!r}, expected {FORMAT!r})")
-    version = data.get("format_version")
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise UserError(f"{cfg_path} is corrupt: format_version {version!r} is not a positive integer")
-    if version > FORMAT_VERSION:
-        raise UserError(f"{d} was written by a newer fvar (checkpoint format {version}; this fvar reads up to "
-                        f"{FORMAT_VERSION}): upgrade fvar")
+    data = read_json_doc(cfg_path, FORMAT, FORMAT_VERSION, what="an fvar checkpoint config", name="checkpoint",
+                         version_key="format_version", subject=d)
     if data.get("kind") not in KINDS:
         raise UserError(f"{cfg_path}: unknown checkpoint kind {data.get('kind')!r} (expected one of "
                         f"{', '.join(KINDS)})")

@@ -50,6 +50,18 @@ class TokenizerConfig(_Strict):
     phi_index: Optional[tuple[int, ...]] = Field(
         None, description="phi conv used by each scale; default: VAR's table for the scale count")
 
+    def check_phi_index(self, num_scales: int) -> None:
+        """phi_index, when set, names one of the φ convs (share_quant_resi of them, or one per scale)
+        for each of `num_scales` scales; ValueError otherwise."""
+        phi = self.phi_index
+        if phi is None:
+            return
+        if len(phi) != num_scales:
+            raise ValueError(f"tokenizer.phi_index has {len(phi)} entries for {num_scales} scales")
+        n_phi = self.share_quant_resi or num_scales
+        if any(not 0 <= i < n_phi for i in phi):
+            raise ValueError(f"tokenizer.phi_index entries must lie in [0, {n_phi})")
+
     @property
     def downsample(self) -> int:
         return 2 ** (len(self.ch_mult) - 1)
@@ -293,13 +305,7 @@ class Preset(_Strict):
             raise ValueError(
                 f"resolution ({self.resolution}) must equal the tokenizer's downsampling ({down}) × the last "
                 f"patch number ({self.patch_nums[-1]}) = {down * self.patch_nums[-1]}")
-        phi = self.tokenizer.phi_index
-        if phi is not None:
-            if len(phi) != self.num_scales:
-                raise ValueError(f"tokenizer.phi_index has {len(phi)} entries for {self.num_scales} scales")
-            n_phi = self.tokenizer.share_quant_resi or self.num_scales
-            if any(not 0 <= i < n_phi for i in phi):
-                raise ValueError(f"tokenizer.phi_index entries must lie in [0, {n_phi})")
+        self.tokenizer.check_phi_index(self.num_scales)
         if self.teacher.enabled and self.teacher.xattn_blocks > self.model.depth:
             raise ValueError(f"teacher.xattn_blocks ({self.teacher.xattn_blocks}) exceeds model.depth "
                              f"({self.model.depth})")

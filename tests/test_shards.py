@@ -48,7 +48,7 @@ def _meta(n_images: int, L: int = 30, vocab: int = 64, alias: int = 16):
     return {"patch_nums": [1, 2, 3, 4], "seq_len": L, "vocab_size": vocab, "alias_vocab_size": alias,
             "structure_dtype": "uint16" if vocab <= 65536 else "int32",
             "alias_dtype": ("uint16" if alias <= 65536 else "int32") if alias else None,
-            "preset": "tiny-64", "preset_config": {}, "tokenizer": {"path": None, "sha256": "x"},
+            "preset": "tiny-64", "preset_config": {}, "tokenizer": {"path": None, "tensors_sha256": "x"},
             "flip": False, "variants": 1, "classes": ["a", "b"],
             "images": {"count": n_images, "fingerprint": "f"}, "noise_batch": None}
 
@@ -115,7 +115,7 @@ def test_shards_decode_to_exactly_the_tokenizers_own_reconstruction(tmp_path, fo
     stats = tokenize_dataset(tok, preset, ds, tmp_path / "s", batch_size=4, shard_size=5)
     assert stats.images == 9 and stats.items == 9 and stats.shards_written == 2 and not stats.skipped
     shards = TokenShards(tmp_path / "s")
-    assert len(shards) == 9 and shards.manifest["tokenizer"]["sha256"] == tensors_sha256(tok)
+    assert len(shards) == 9 and shards.manifest["tokenizer"]["tensors_sha256"] == tensors_sha256(tok)
     for i in range(len(shards)):
         structure, alias, label = shards[i]
         x = var_eval_crop(ds.index.files[i], 64)[None]           # the image, cropped independently
@@ -128,6 +128,25 @@ def test_shards_decode_to_exactly_the_tokenizers_own_reconstruction(tmp_path, fo
         # the encoder's own running f̂ sums the same terms in another order: equal to float rounding
         with torch.no_grad():
             assert torch.allclose(from_shards, tok.fhat_to_img(direct.fhat[-1]), atol=1e-4)
+
+
+def test_manifests_written_before_the_rename_keep_their_fingerprint_and_resume(tmp_path, folder):
+    # Until v0.2 the tokenizer's tensors hash was stored as tokenizer.sha256 (renamed tensors_sha256:
+    # a checkpoint's provenance sha256 hashes a file). Old folders must read, fingerprint and resume alike.
+    preset = tiny("pyramid.noise=false")
+    tok = tiny_tokenizer(preset)
+    ds = eval_dataset(folder, preset)
+    tokenize_dataset(tok, preset, ds, tmp_path / "s", batch_size=4, shard_size=5)
+    new = TokenShards(tmp_path / "s")
+    man = tmp_path / "s" / "manifest.json"
+    doc = json.loads(man.read_text())
+    doc["tokenizer"]["sha256"] = doc["tokenizer"].pop("tensors_sha256")
+    man.write_text(json.dumps(doc))
+    old = TokenShards(tmp_path / "s")
+    assert old.tokenizer_sha256 == new.tokenizer_sha256 == tensors_sha256(tok)
+    assert old.fingerprint() == new.fingerprint()
+    stats = tokenize_dataset(tok, preset, ds, tmp_path / "s", batch_size=4, shard_size=5)  # a rerun: nothing to do
+    assert stats.shards_written == 0
 
 
 def test_flip_stores_the_mirror_as_the_next_item(tmp_path, folder):
@@ -190,7 +209,7 @@ def test_resume_with_different_inputs_is_refused_naming_the_field(tmp_path, fold
         tokenize_dataset(tok, preset, ds, out, batch_size=4, shard_size=5, flip=True)
     with pytest.raises(UserError, match=r"different preset_config\.pyramid\.rho_max"):
         tokenize_dataset(tok, tiny("pyramid.noise=false", "pyramid.rho_max=2"), ds, out, batch_size=4, shard_size=5)
-    with pytest.raises(UserError, match=r"different tokenizer\.sha256"):
+    with pytest.raises(UserError, match=r"different tokenizer\.tensors_sha256"):
         tokenize_dataset(tiny_tokenizer(preset, seed=1), preset, ds, out, batch_size=4, shard_size=5)
     with pytest.raises(UserError, match="different shard_size"):
         tokenize_dataset(tok, preset, ds, out, batch_size=4, shard_size=3)
@@ -247,7 +266,7 @@ def test_cli_tokenize_writes_shards_reports_throughput_and_skips(tmp_path, folde
     assert "notes.jpg" in err
     shards = TokenShards(tmp_path / "s")
     assert len(shards) == 18
-    assert shards.manifest["tokenizer"] == {"path": str((tmp_path / "tok").resolve()), "sha256": tensors_sha256(tok)}
+    assert shards.manifest["tokenizer"] == {"path": str((tmp_path / "tok").resolve()), "tensors_sha256": tensors_sha256(tok)}
     assert json.loads((tmp_path / "s" / "classes.json").read_text())["classes"] == ["gradient", "shapes", "strokes"]
     assert run(app, argv) == 0  # a rerun keeps everything
     assert "2 kept from an earlier run" in capsys.readouterr().out

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from fvar_core.config import ModelConfig, TeacherConfig
-from fvar_core.train.distill import distill_loss, feature_alignment, logit_kd, student_ce, teacher_ce
+from fvar_core.train.distill import distill_loss, feature_alignment, logit_kd, token_ce
 from fvar_core.errors import UserError
 from fvar_core.models.teacher import Teacher
 from fvar_core.models.transformer import HAS_FLEX, VAR
@@ -141,7 +141,7 @@ def test_teacher_learns_only_from_its_own_ce():
     total.backward(retain_graph=True)
     from_total = _grads(teacher)
     teacher.zero_grad(set_to_none=True)
-    teacher_ce(t_lg, target).backward()
+    token_ce(t_lg, target).backward()
     from_ce = _grads(teacher)
     for n in from_total:
         assert torch.allclose(from_total[n], from_ce[n], atol=1e-7), n
@@ -166,7 +166,7 @@ def test_kl_matches_definition():
 
 def test_ce_is_fp32_token_mean():
     lg, target = torch.randn(2, 30, 32, dtype=torch.bfloat16), torch.randint(0, 32, (2, 30))
-    ce = student_ce(lg, target)
+    ce = token_ce(lg, target)
     assert ce.dtype == torch.float32
     assert torch.allclose(ce, F.cross_entropy(lg.float().transpose(1, 2), target))
 
@@ -174,7 +174,7 @@ def test_ce_is_fp32_token_mean():
 def test_distill_loss_without_teacher_is_student_ce():
     lg, target = torch.randn(2, 30, 32), torch.randint(0, 32, (2, 30))
     total, parts = distill_loss(lg, target, TeacherConfig(enabled=False), teacher_logits=torch.randn(2, 30, 32))
-    assert set(parts) == {"student_ce"} and torch.equal(total, student_ce(lg, target))
+    assert set(parts) == {"student_ce"} and torch.equal(total, token_ce(lg, target))
 
 
 def test_teacher_compiles_without_graph_breaks():
@@ -182,5 +182,5 @@ def test_teacher_compiles_without_graph_breaks():
     teacher = Teacher.from_student(student, TeacherConfig(xattn_blocks=2), ALIAS_V).train()
     lab, x, alias, target = _inputs()
     lg, feats = torch.compile(teacher, backend="eager", fullgraph=True)(lab, x, alias, return_features=2)
-    teacher_ce(lg, target).backward()
+    token_ce(lg, target).backward()
     assert teacher.xattn[0].gate.grad is not None

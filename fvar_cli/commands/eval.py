@@ -161,46 +161,26 @@ def evaluate(
     """
     if ctx.invoked_subcommand is not None:
         return
-    from fvar_core.errors import UserError
-    from fvar_core.eval.evaluate import check_inputs, evaluate_checkpoint, evaluate_samples, parse_metrics, write_report
+    from fvar_core.eval.evaluate import (check_inputs, evaluate_checkpoint, evaluate_samples, parse_metrics,
+                                         plan_eval, write_report)
     from fvar_core.interrupt import on_interrupt
 
-    if feature_net is not None:
-        if data is not None:
-            raise UserError("--feature-net evaluates samples against --ref; --data (reconstruction) does not apply "
-                            "(the report's reconstruction row uses --tokenizer on --ref)")
-        if ckpt is None and samples is None and real is None and tokenizer is None:
-            from fvar_core.runs import newest_checkpoint
-
-            ckpt = newest_checkpoint("var")
-            typer.echo(f"using the newest var checkpoint: {ckpt}", err=True)
+    plan = plan_eval(samples=samples, ckpt=ckpt, tokenizer=tokenizer, data=data, feature_net=feature_net, real=real)
+    ckpt = plan.ckpt
+    if plan.newest:
+        typer.echo(f"using the newest var checkpoint: {ckpt}", err=True)
+    if plan.mode == "feature-net":
         _feature_eval(feature_net, ref, samples, ckpt, per_class or 100, num_samples, seed,
                       {"cfg": cfg, "top_k": top_k, "top_p": top_p, "more_smooth": more_smooth}, out, real, tokenizer,
                       calibration_images, device, sample_batch, kid_subsets, kid_subset_size, json_out)
         return
-    num_samples = 50_000 if num_samples is None else num_samples
-    per_class = 50 if per_class is None else per_class
-
-    if data is not None:
-        if tokenizer is None:
-            raise UserError("--data measures a tokenizer's reconstructions: pass --tokenizer CKPT too")
-        if samples is not None or ckpt is not None:
-            raise UserError("--tokenizer/--data (reconstruction) cannot be combined with --samples or --ckpt")
+    if plan.mode == "reconstruction":
         check_inputs((), ref, tokenizer=tokenizer, data=data)
         _reconstruction(tokenizer, data, feature_weights, device, max_images, json_out)
         return
-    if tokenizer is not None and ckpt is None:
-        raise UserError("--tokenizer measures reconstructions with --data DIR, or decodes --ckpt's samples; "
-                        + ("with --samples it has nothing to do" if samples is not None else
-                           "alone it does not say what to evaluate: add --data DIR (or --ckpt)"))
-    if samples is not None and ckpt is not None:
-        raise UserError("pass --samples or --ckpt, not both")
+    num_samples = 50_000 if num_samples is None else num_samples
+    per_class = 50 if per_class is None else per_class
     chosen = parse_metrics(metrics)
-    if samples is None and ckpt is None:
-        from fvar_core.runs import newest_checkpoint
-
-        ckpt = newest_checkpoint("var")
-        typer.echo(f"using the newest var checkpoint: {ckpt}", err=True)
     fileset = check_inputs(chosen, ref, samples=samples, ckpt=ckpt)
     ex = _extractor(feature_weights, device)
     with _progress() as progress, on_interrupt(lambda: "during the evaluation (generated samples are kept)"):

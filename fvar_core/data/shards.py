@@ -25,8 +25,8 @@ manifest.json::
 
     format "fvar-token-shards", version 1
     patch_nums, seq_len, vocab_size, alias_vocab_size (0 = no alias tokens), structure_dtype,
-    alias_dtype, preset (name), preset_config (the resolved preset), tokenizer {path, sha256}
-    (sha256 of the weights, see `hashing.tensors_sha256`), flip, variants (1 or 2), classes,
+    alias_dtype, preset (name), preset_config (the resolved preset), tokenizer {path, tensors_sha256}
+    (`hashing.tensors_sha256` of the weights; manifests before v0.2 call it sha256), flip, variants (1 or 2), classes,
     images {count, fingerprint} (which files, see `FolderIndex.fingerprint`), shard_size,
     num_shards, noise_batch (batch size the pyramid noise was drawn with; null without noise),
     shards [{name, count, images, skipped, complete}], total (items in complete shards),
@@ -47,7 +47,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -55,6 +55,7 @@ import torch
 from fvar_core.config import Preset
 from fvar_core.errors import UserError
 from fvar_core.hashing import tensors_sha256
+from fvar_core.jsondocs import read_json_doc
 from fvar_core.atomic import atomic_write_bytes
 from fvar_core.runs import SKIPPED_FILES
 from fvar_core.runlock import LOCK_NAME
@@ -68,7 +69,7 @@ CLASS_INDEX = "classes.json"
 # Manifest fields that describe what the tokens ARE; a resume compares them. Anything else
 # (shard list, totals, tokenizer path) is bookkeeping or provenance.
 _IDENTITY = ("patch_nums", "seq_len", "vocab_size", "alias_vocab_size", "structure_dtype", "alias_dtype",
-             "preset_config", "tokenizer.sha256", "flip", "variants", "classes", "images", "shard_size",
+             "preset_config", "tokenizer.tensors_sha256", "flip", "variants", "classes", "images", "shard_size",
              "num_shards", "noise_batch")
 
 
@@ -107,15 +108,11 @@ def _first_difference(a: Any, b: Any, prefix: str) -> Optional[str]:
 
 
 def _read_manifest(path: Path) -> Dict[str, Any]:
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: unreadable token-shard manifest ({e})") from None
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise UserError(f"{path}: not a token-shard manifest (format should be '{FORMAT}')")
-    if not isinstance(doc.get("version"), int) or doc["version"] > VERSION:
-        raise UserError(f"{path}: token-shard format version {doc.get('version')} is newer than this fvar "
-                        f"reads ({VERSION}); upgrade fvar")
+    doc = read_json_doc(path, FORMAT, VERSION, what="a token-shard manifest", name="token-shard",
+                        fix="tokenize again into another --out")
+    tok = doc.get("tokenizer")
+    if isinstance(tok, dict) and "sha256" in tok and "tensors_sha256" not in tok:  # the name before v0.2
+        tok["tensors_sha256"] = tok.pop("sha256")
     return doc
 
 
@@ -258,11 +255,16 @@ class TokenShards:
     def has_alias(self) -> bool:
         return bool(self.manifest["alias_vocab_size"])
 
+    @property
+    def tokenizer_sha256(self) -> Optional[str]:
+        """`hashing.tensors_sha256` of the tokenizer the shards were encoded with (None if unknown)."""
+        return (self.manifest.get("tokenizer") or {}).get("tensors_sha256")
+
     def fingerprint(self) -> str:
         """sha256 of what the shards hold: the tokenizer weights, the source files (their
         fingerprint), the pyramid's configuration, flip, and the item counts."""
         m = self.manifest
-        ident = {"tokenizer": (m.get("tokenizer") or {}).get("sha256"), "images": m.get("images"),
+        ident = {"tokenizer": self.tokenizer_sha256, "images": m.get("images"),
                  "pyramid": (m.get("preset_config") or {}).get("pyramid"), "patch_nums": m.get("patch_nums"),
                  "flip": m.get("flip"), "shards": [e.get("count") for e in m["shards"] if e.get("complete")]}
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
@@ -351,7 +353,7 @@ def shard_meta(preset: Preset, tokenizer, index, flip: bool, batch_size: int,
         "preset": preset.name,
         "preset_config": preset.model_dump(mode="json"),
         "tokenizer": {"path": None if tokenizer_path is None else str(tokenizer_path),
-                      "sha256": tensors_sha256(tokenizer)},
+                      "tensors_sha256": tensors_sha256(tokenizer)},
         "flip": bool(flip),
         "variants": 2 if flip else 1,
         "classes": list(index.classes),
@@ -363,6 +365,31 @@ def shard_meta(preset: Preset, tokenizer, index, flip: bool, batch_size: int,
 
 
 @torch.no_grad()
+def _encode_items(tokenizer, preset: Preset, items: Sequence[tuple], flip: bool, gen: Optional[torch.Generator],
+                  device: Union[str, torch.device], meta: Dict[str, Any]) -> Dict[str, Optional[np.ndarray]]:
+    """Readable items (index, image (3, R, R), label, None) → the shard rows, in the file dtypes:
+    structure / alias (B·v, L), labels / source (B·v,), v = 2 with flip (orig, mirror interleaved)."""
+    x = torch.stack([b[1] for b in items]).to(device, non_blocking=True)  # (B, 3, R, R) in [-1, 1]
+    if flip:
+        x = torch.cat([x, x.flip(-1)])                                    # (2B, 3, R, R)
+    tok = tokenizer.encode_with_pyramid(x, preset.pyramid, preset.resolution, generator=gen)
+    structure = torch.cat(tok.structure, dim=1)                            # (B·v, L)
+    alias = torch.cat(tok.alias, dim=1) if tok.alias is not None else None
+    if (alias is not None) != bool(meta["alias_vocab_size"]):
+        raise RuntimeError("the tokenizer's alias output disagrees with its config")
+    labels = torch.tensor([b[2] for b in items], dtype=torch.int64)
+    source = torch.tensor([b[0] for b in items], dtype=torch.int64)
+    if flip:  # [orig; mirrored] → interleaved orig_0, mirror_0, orig_1, ...
+        B = len(items)
+        structure = structure.view(2, B, -1).transpose(0, 1).reshape(2 * B, -1)
+        alias = alias.view(2, B, -1).transpose(0, 1).reshape(2 * B, -1) if alias is not None else None
+        labels, source = labels.repeat_interleave(2), source.repeat_interleave(2)
+    # held in the file dtype: a 10k-image shard of a 1024px preset stays in the hundreds of MB
+    return {"structure": structure.cpu().numpy().astype(meta["structure_dtype"]),
+            "alias": alias.cpu().numpy().astype(meta["alias_dtype"]) if alias is not None else None,
+            "labels": labels.numpy(), "source": source.numpy()}
+
+
 def tokenize_dataset(tokenizer, preset: Preset, dataset, out_dir: Union[str, Path], batch_size: int = 64,
                      shard_size: int = 10000, flip: bool = False, device: Union[str, torch.device] = "cpu",
                      progress: Optional[Callable[[int, int], None]] = None, num_workers: int = 0,
@@ -437,29 +464,12 @@ def tokenize_dataset(tokenizer, preset: Preset, dataset, out_dir: Union[str, Pat
                 stats.skipped.append(b[3])
                 skipped_in_shard += 1
         if ok:
-            x = torch.stack([b[1] for b in ok]).to(device, non_blocking=True)  # (B, 3, R, R) in [-1, 1]
-            if flip:
-                x = torch.cat([x, x.flip(-1)])                                  # (2B, 3, R, R)
             gen = (torch.Generator().manual_seed(_noise_seed(seed, batch[0][0]))
                    if preset.pyramid.noise else None)
-            tok = tokenizer.encode_with_pyramid(x, preset.pyramid, preset.resolution, generator=gen)
-            structure = torch.cat(tok.structure, dim=1)                          # (B·v, L)
-            alias = torch.cat(tok.alias, dim=1) if tok.alias is not None else None
-            if (alias is not None) != has_alias:
-                raise RuntimeError("the tokenizer's alias output disagrees with its config")
-            labels = torch.tensor([b[2] for b in ok], dtype=torch.int64)
-            source = torch.tensor([b[0] for b in ok], dtype=torch.int64)
-            if flip:  # [orig; mirrored] → interleaved orig_0, mirror_0, orig_1, ...
-                B = len(ok)
-                structure = structure.view(2, B, -1).transpose(0, 1).reshape(2 * B, -1)
-                alias = alias.view(2, B, -1).transpose(0, 1).reshape(2 * B, -1) if alias is not None else None
-                labels, source = labels.repeat_interleave(2), source.repeat_interleave(2)
-            # held in the file dtype: a 10k-image shard of a 1024px preset stays in the hundreds of MB
-            parts["structure"].append(structure.cpu().numpy().astype(meta["structure_dtype"]))
-            if alias is not None:
-                parts["alias"].append(alias.cpu().numpy().astype(meta["alias_dtype"]))
-            parts["labels"].append(labels.numpy())
-            parts["source"].append(source.numpy())
+            arrays = _encode_items(tokenizer, preset, ok, flip, gen, device, meta)
+            for k, a in arrays.items():
+                if a is not None:
+                    parts[k].append(a)
             stats.images += len(ok)
         if batch[-1][0] == min((s + 1) * S, N) - 1:
             flush(s)

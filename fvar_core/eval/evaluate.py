@@ -41,7 +41,7 @@ from fvar_core.focus.alias import alias_report
 from fvar_core.hashing import file_sha256
 from fvar_core.models.loading import build_tokenizer
 from fvar_core.presets import validate as validate_preset
-from fvar_core.runs import find_tokenizer, resolve_checkpoint, runs_dir
+from fvar_core.runs import find_tokenizer, newest_checkpoint, resolve_checkpoint, runs_dir
 from fvar_core.sample.outputs import generate_to_folder, write_json
 from fvar_core.sample.sampler import settings_from
 
@@ -121,6 +121,46 @@ def check_inputs(metrics: Sequence[str], ref: str, *, samples: Optional[PathLike
 
 
 # ---------------------------------------------------------------------------- samples → report
+@dataclass
+class EvalPlan:
+    """What a combination of `fvar eval` inputs asks for."""
+
+    mode: str                    # "feature-net", "reconstruction", "samples" or "checkpoint"
+    ckpt: Optional[Path]         # the checkpoint to sample from (chosen as the newest when `newest`)
+    newest: bool = False
+
+
+def plan_eval(*, samples: Optional[Path] = None, ckpt: Optional[Path] = None, tokenizer: Optional[Path] = None,
+              data: Optional[Path] = None, feature_net: Optional[Path] = None, real: Optional[Path] = None) -> EvalPlan:
+    """Decide the evaluation from its inputs; every contradictory combination is a one-line
+    UserError. With nothing to evaluate named, the newest var checkpoint under the runs folder
+    is sampled (`runs.newest_checkpoint`)."""
+    if feature_net is not None:
+        if data is not None:
+            raise UserError("--feature-net evaluates samples against --ref; --data (reconstruction) does not apply "
+                            "(the report's reconstruction row uses --tokenizer on --ref)")
+        if ckpt is None and samples is None and real is None and tokenizer is None:
+            return EvalPlan("feature-net", newest_checkpoint("var"), newest=True)
+        return EvalPlan("feature-net", ckpt)
+    if data is not None:
+        if tokenizer is None:
+            raise UserError("--data measures a tokenizer's reconstructions: pass --tokenizer CKPT too")
+        if samples is not None or ckpt is not None:
+            raise UserError("--tokenizer/--data (reconstruction) cannot be combined with --samples or --ckpt")
+        return EvalPlan("reconstruction", None)
+    if tokenizer is not None and ckpt is None:
+        raise UserError("--tokenizer measures reconstructions with --data DIR, or decodes --ckpt's samples; "
+                        + ("with --samples it has nothing to do" if samples is not None else
+                           "alone it does not say what to evaluate: add --data DIR (or --ckpt)"))
+    if samples is not None and ckpt is not None:
+        raise UserError("pass --samples or --ckpt, not both")
+    if samples is not None:
+        return EvalPlan("samples", None)
+    if ckpt is None:
+        return EvalPlan("checkpoint", newest_checkpoint("var"), newest=True)
+    return EvalPlan("checkpoint", ckpt)
+
+
 def evaluate_samples(samples: PathLike, ref: str, extractor: InceptionFeatures, metrics: Sequence[str] = ALL_METRICS,
                      *, files: Optional[Sequence[PathLike]] = None, fileset: Optional[FileSet] = None,
                      batch_size: int = 64,

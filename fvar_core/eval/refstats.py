@@ -41,6 +41,7 @@ import numpy as np
 from fvar_core import envvars
 from fvar_core.atomic import umask
 from fvar_core.errors import UserError
+from fvar_core.jsondocs import read_json_doc
 from fvar_core.eval.features import InceptionFeatures, extract_batch
 from fvar_core.eval.imagesets import CROP_DESCRIPTION, crop_transform, folder_images, open_npz, read_files
 from fvar_core.eval.metrics import RunningStats
@@ -198,15 +199,8 @@ def read_meta(name: str) -> dict:
         hint = f" (built: {', '.join(m['name'] for m in known)})" if known else ""
         raise UserError(f"no reference named '{name}' in {refs_dir()}{hint}; build one with "
                         f"`fvar eval ref build --data DIR --name {name}`")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path} is unreadable or corrupt ({e}); rebuild the reference") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise UserError(f"{path} is not an fvar reference description")
-    if meta.get("version", 0) > VERSION:
-        raise UserError(f"reference '{name}' was written by a newer fvar (version {meta.get('version')}); upgrade fvar")
-    return meta
+    return read_json_doc(path, FORMAT, VERSION, what="an fvar reference description", name="reference",
+                         subject=f"reference '{name}'", fix="rebuild the reference")
 
 
 def list_references() -> List[dict]:

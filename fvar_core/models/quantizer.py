@@ -194,10 +194,11 @@ class MultiScaleQuantizer(nn.Module):
             self.quant_resi = PhiShared(make())
         else:
             self.quant_resi = PhiPartiallyShared(nn.ModuleList([make() for _ in range(n_phi)]))
-        phi_index = tuple(cfg.phi_index) if cfg.phi_index is not None else default_phi_index(K, n_phi)
-        if len(phi_index) != K or any(not 0 <= i < n_phi for i in phi_index):
-            raise UserError(f"tokenizer.phi_index {list(phi_index)} does not fit {K} scales and {n_phi} phi convs")
-        self.phi_index = phi_index
+        try:  # a preset has checked it already; a config built in code has not
+            cfg.check_phi_index(K)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        self.phi_index = tuple(cfg.phi_index) if cfg.phi_index is not None else default_phi_index(K, n_phi)
 
         # Codebook usage per scale (VAR keeps it in the checkpoint; only statistics, never used to code).
         self.register_buffer("ema_vocab_hit_SV", torch.zeros(K, cfg.vocab_size))

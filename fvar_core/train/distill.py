@@ -26,13 +26,6 @@ def token_ce(logits_BLV: torch.Tensor, target_BL: torch.Tensor, label_smoothing:
     return F.cross_entropy(logits_BLV.float().reshape(-1, V), target_BL.reshape(-1), label_smoothing=label_smoothing)
 
 
-def student_ce(logits_BLV: torch.Tensor, target_BL: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    return token_ce(logits_BLV, target_BL, label_smoothing)
-
-
-def teacher_ce(logits_BLV: torch.Tensor, target_BL: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    return token_ce(logits_BLV, target_BL, label_smoothing)
-
 
 def feature_alignment(student_feats: Sequence[torch.Tensor], teacher_feats: Sequence[torch.Tensor]) -> torch.Tensor:
     """Σ_ℓ mean((F_stu − sg(F_tea))²) over blocks ℓ; features (B, L, C) each."""
@@ -59,12 +52,12 @@ def distill_loss(student_logits: torch.Tensor, target_BL: torch.Tensor, cfg: Tea
 
     Without teacher outputs (cfg.enabled false: the 'w/o teacher' ablation, or plain VAR training)
     the total is the student's CE alone."""
-    ce_stu = student_ce(student_logits, target_BL, label_smoothing)
+    ce_stu = token_ce(student_logits, target_BL, label_smoothing)
     parts = {"student_ce": ce_stu}
     total = ce_stu
     if cfg.enabled and teacher_logits is not None:
         if cfg.teacher_ce:
-            ce_tea = teacher_ce(teacher_logits, target_BL, label_smoothing)
+            ce_tea = token_ce(teacher_logits, target_BL, label_smoothing)
             parts["teacher_ce"] = ce_tea
             total = total + ce_tea
         if cfg.lambda_feat > 0:

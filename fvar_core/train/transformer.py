@@ -354,7 +354,7 @@ def train_transformer(preset: Preset, run_dir: Union[str, Path], *, distill: boo
     check_tokenizer_fits(preset, tok_ck.preset, f"tokenizer {tok_path}")
     tok = build_tokenizer(tok_ck)
     if tokens is not None:
-        want = (shards.manifest.get("tokenizer") or {}).get("sha256")
+        want = shards.tokenizer_sha256
         if want and tensors_sha256(tok) != want:
             raise UserError(f"tokenizer {tok_ck.path} is not the one that wrote {tokens} (its weights differ)")
 
