@@ -1,4 +1,4 @@
-"""The fvar checkpoint format (docs/design.md §10): a folder of config.json and safetensors weights.
+"""The fvar checkpoint format (docs/design.md §10): a folder holding config.json plus safetensors weights.
 
 A checkpoint is a directory:
 

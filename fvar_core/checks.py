@@ -1,4 +1,4 @@
-"""Does an input fit the model or preset it is meant for? Class ids and tokenizers, one rule each.
+"""Does an input fit the model or preset it is meant for (class ids, tokenizers)? One rule each.
 
 Every check raises a one-line `UserError` that names the input, what differs and how to fix it.
 """

@@ -133,7 +133,7 @@ class TeacherConfig(_Strict):
 
 
 class LoopConfig(_Strict):
-    """What the one training loop (`training.fit`) reads: optimiser, lr schedule, precision,
+    """What the one training loop (`train.loop.fit`) reads: optimiser, lr schedule, precision,
     logging and checkpoints. Each mode's section extends it with its own defaults.
 
     lr: the peak lr (`peak_lr`); warm-up linear from warmup_start·peak over `warmup_steps`, then

@@ -1,4 +1,4 @@
-"""The two sha256 digests fvar records: of a file's bytes, and of a set of tensors.
+"""The sha256 digests fvar records, each named for what it hashes: a file's bytes, a set of tensors.
 
 `file_sha256` identifies a file (checkpoint integrity, a tokenizer copy, a downloaded weight);
 `tensors_sha256` identifies weights whatever file holds them (a tokenizer's tensors in a shard

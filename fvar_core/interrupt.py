@@ -1,4 +1,4 @@
-"""What a command interrupted by Ctrl-C says: where it stopped, so the CLI can print that and the
+"""What a command interrupted by Ctrl-C says: where it stopped, for the CLI to print with the
 command that resumes it (every long command resumes when rerun: training from its newest
 checkpoint, tokenize from its last complete shard, sample/eval from the images already written).
 

@@ -1,5 +1,5 @@
 """Versioned JSON documents that fvar writes (checkpoint configs, token-shard manifests, reference
-descriptions): read one, and check its format name and version, with one-line errors."""
+descriptions), read with their format name, version checked; one-line errors."""
 from __future__ import annotations
 
 import json

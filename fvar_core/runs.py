@@ -1,4 +1,4 @@
-"""Run directories: where they live, what they hold, and how a checkpoint argument resolves.
+"""Run directories: where they live, what they hold, how a checkpoint argument resolves to one.
 
 The runs directory is `$FVAR_RUNS` when set, else `./runs`. A training command without `--out`
 writes to `<runs>/<preset>-<mode>` (so rerunning it resumes); `fvar sample` / `fvar eval` without

@@ -149,3 +149,23 @@ def test_alias_loss_trains_the_alias_codebook_and_nothing_else():
     grads = {n: p.grad for n, p in tok.named_parameters()}
     assert grads.pop("quantize.alias_embedding.weight").abs().sum() > 0
     assert all(g is None or not g.any() for g in grads.values()), [n for n, g in grads.items() if g is not None and g.any()]
+
+
+def test_dead_code_restarts_encode_each_distinct_view_once():
+    """The restart pool is built from E(x) and the blurred views' latents, one encoder row per
+    distinct view: a sharp scale's view is x itself, so its latent is E(x) exactly, not a second
+    encode of x (which the code before v0.2 did, because the step kept a detached copy of x)."""
+    preset = load_preset("tiny-64", ["tokenizer_train.dead_code_every=1", "pyramid.noise=false"])
+    torch.manual_seed(0)
+    task = TokenizerTask(preset)
+    task.attach(task.build())
+    img = torch.rand(2, 3, 64, 64) * 2 - 1
+    focus = task.focus_images(img)
+    distinct = {id(v) for v in focus if v is not img}
+    assert 0 < len(distinct) < len(focus)  # the preset has blurred and sharp scales
+    rows = []
+    hook = task.tok.encoder.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
+    task.step((img, torch.zeros(2, dtype=torch.long)), 1)
+    task.after_step(1)
+    hook.remove()
+    assert rows == [2 * (1 + len(distinct))] * 2  # the training step's encode, then the restart's: the same rows

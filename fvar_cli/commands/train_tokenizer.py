@@ -6,7 +6,7 @@ from typing import List, Optional
 
 import typer
 
-from ..options import AllowDataChangeOption, PresetOption, SetOption, resolve, writable_folder
+from ..options import AllowDataChangeOption, DeviceOption, PresetOption, SetOption, resolve, writable_folder
 
 
 def train_tokenizer(
@@ -24,6 +24,7 @@ def train_tokenizer(
     disc_weights: Optional[Path] = typer.Option(
         None, "--disc-weights", help="Start the discriminator from this file (a run's discriminator.safetensors); "
                                      "implies --disc."),
+    device: str = DeviceOption,
     allow_data_change: bool = AllowDataChangeOption,
     overrides: Optional[List[str]] = SetOption,
 ) -> None:
@@ -35,7 +36,7 @@ def train_tokenizer(
     cfg = resolve(preset, overrides, *extra)
     typer.echo(f"run directory: {out}")
     res = run_training(cfg, data, out, init_from=init_from, perceptual_weights=perceptual_weights, disc=disc,
-                       disc_weights=disc_weights, allow_data_change=allow_data_change)
+                       disc_weights=disc_weights, device=device, allow_data_change=allow_data_change)
     m = res.metrics
     tail = f" (loss {m['loss']:.4f}, PSNR {m['psnr']:.2f} dB)" if "psnr" in m else ""
     typer.echo(f"tokenizer at step {res.step}: {res.checkpoint}{tail}")

@@ -1,1 +1,1 @@
-"""Data on disk: image folders, image files, token shards and the tokenizing that writes them."""
+"""Data on disk: image folders, image files, token shards, the tokenizing that writes them."""

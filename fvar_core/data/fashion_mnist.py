@@ -1,4 +1,4 @@
-"""Fashion-MNIST (Xiao, Rasul & Vollgraf 2017; MIT licence) as an fvar ImageFolder.
+"""Fashion-MNIST (Xiao et al. 2017; MIT licence) as an fvar ImageFolder.
 
 70,000 real 28×28 grey-scale photographs of garments in 10 classes, 6,000 train + 1,000 test
 per class, shipped as four gzipped IDX files. `export` writes

@@ -1,4 +1,4 @@
-"""Reading and writing images safely: every bad file becomes a one-line `UserError`.
+"""Image file I/O that never trusts the file: every bad one becomes a one-line `UserError`.
 
 Tensors here are float32 (3, H, W) in [0, 1]; models convert to [-1, 1] themselves.
 """

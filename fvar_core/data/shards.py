@@ -4,7 +4,7 @@ VAE (docs/design.md §5). Written by `tokenize_dataset` (`fvar tokenize`), read 
 Format `fvar-token-shards`, version 1 — a directory::
 
     manifest.json                   what the tokens are and which shards are done (below)
-    classes.json                    the class index (`data.write_class_index`)
+    classes.json                    the class index (`data.folders.write_class_index`)
     shard-00000.structure.npy       (N, L) structure tokens, uint16 if vocab_size ≤ 65536 else int32
     shard-00000.alias.npy           (N, L) alias tokens (same dtype rule), only with an alias codebook
     shard-00000.labels.npy          (N,) int64 class ids

@@ -1,5 +1,5 @@
 """`fvar eval`: samples (a folder, or generated from a checkpoint) → Inception features → metrics,
-with a JSON report holding every number and the protocol (docs/design.md §9, docs/var-compat.md §4).
+reported as JSON with every number, the whole protocol (docs/design.md §9, docs/var-compat.md §4).
 
     samples folder ──imagesets──▶ uint8 batches ──features──▶ pool3 / logits ──metrics──▶ report
     reference spec ──refstats──▶ μ, Σ (+ pool3 set for KID, P/R)  ───────────────────────▶

@@ -9,7 +9,7 @@ Three kinds of set:
       evaluated against: halve with PIL BOX while the shorter side ≥ 2R, then PIL BICUBIC so the
       shorter side is R (other side round(side · R / short)), then the centre R × R crop
       (offsets floor((size − R) / 2));
-  `var` — VAR's evaluation transform (`data.preprocess`, train=False): shorter side to
+  `var` — VAR's evaluation transform (`data.folders.preprocess`, train=False): shorter side to
       round(1.125 R) with LANCZOS, centre crop;
 - an ADM `.npz` batch: `arr_0` uint8 (N, H, W, 3) streamed from the zip member without loading it
   whole (a 10k × 256² batch is 2 GB), optional `mu` (2048,) / `sigma` (2048, 2048) FID statistics.

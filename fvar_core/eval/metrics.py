@@ -1,4 +1,4 @@
-"""Sample-quality and reconstruction metrics on feature arrays (docs/design.md §9, docs/var-compat.md §4).
+"""Image-quality metrics: FID, IS, KID, precision/recall on feature arrays; PSNR, SSIM on pixels (docs/design.md §9, docs/var-compat.md §4).
 
 Everything here is a pure function of numpy arrays; where the features come from is
 `features.py`. The definitions follow the protocol VAR's numbers use — OpenAI's ADM evaluator

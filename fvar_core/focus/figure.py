@@ -1,4 +1,4 @@
-"""One picture of a focus pyramid (`fvar pyramid visualize`): D_k, L_k and A_k side by side.
+"""One picture of a focus pyramid (`fvar pyramid visualize`): D_k, L_k, A_k side by side.
 
 Rows: D_k (VAR's area pyramid), L_k (the focus pyramid), A_k (alias residual, amplified and centred
 on mid-grey). One column per scale. Views are enlarged with nearest-neighbour so the moiré that

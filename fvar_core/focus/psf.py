@@ -1,4 +1,4 @@
-"""Defocus point-spread functions and the convolution that applies them (paper §3.2, docs/design.md §4).
+"""Defocus point-spread functions, applied by direct or FFT convolution (paper §3.2, docs/design.md §4).
 
 A kernel is a normalised (S, S) tap array, S odd, centred, exactly symmetric under flips and
 transpose. Kinds:

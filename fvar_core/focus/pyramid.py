@@ -1,5 +1,5 @@
-"""The focus pyramid (paper Eq. 2–4): the K focus images the tokenizer encodes, and the views built
-from them — focused views L_k, area views D_k, alias residuals A_k.
+"""The focus pyramid (paper Eq. 2–4): the K focus images of an image — what the tokenizer encodes,
+what the views are made of (focused L_k, area D_k, alias residual A_k).
 
 `focus_images` is the one place the focus views are made: ρ_k from `schedules.radii`, the PSF
 from `psf.blur`, β_k ε when cfg.noise, and x itself (the same object) at scales whose ρ_k is

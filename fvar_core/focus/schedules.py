@@ -1,4 +1,4 @@
-"""Per-scale defocus radii ρ_k and noise levels β_k of the focus pyramid (paper Eq. 2–3, docs/design.md §4).
+"""Per-scale schedules of the focus pyramid — defocus radii ρ_k, noise levels β_k (paper Eq. 2–3, docs/design.md §4).
 
 Scales are 1-based in the paper (k = 1 … K); the lists returned here are 0-based, one per scale,
 K = len(patch_nums). Radii are in image pixels.

@@ -1,5 +1,5 @@
-"""Built-in test images for looking at and measuring the focus pyramid (`fvar pyramid ...`), and
-a small drawn image folder for demos and tests (`draw_image_folder`, `fvar quickstart`).
+"""Built-in images: test patterns to look at the focus pyramid with (`fvar pyramid ...`), a small
+drawn image folder for demos, tests (`draw_image_folder`, `fvar quickstart`).
 
 Each built-in is a float32 (3, N, N) tensor in [0, 1]: a zone plate (every frequency up to
 Nyquist, radially) and a resolution chart (sharp strokes, line-pair groups, a Siemens star,

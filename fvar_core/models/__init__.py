@@ -1,1 +1,1 @@
-"""The networks: VAR's VQ-VAE and multi-scale quantizer with FVAR's dual path, the VAR transformer, the teacher."""
+"""The networks: VAR's VQ-VAE with FVAR's dual-path quantizer, the VAR transformer, the teacher, the PatchGAN."""

@@ -1,6 +1,6 @@
-"""The tokenizer's optional adversarial term: a PatchGAN discriminator, hinge losses and VQGAN's
+"""The tokenizer's optional adversarial term: a PatchGAN discriminator, hinge losses, VQGAN's
 adaptive weight (Esser et al. 2021), arranged so that ONE backward of ONE summed loss trains both
-players correctly — which keeps `training.fit` a single-optimiser loop that DDP can wrap.
+players correctly — which keeps `train.loop.fit` a single-optimiser loop that DDP can wrap.
 
     D(x)                 (B, 1, h, w) patch logits of images in [-1, 1]
     d_loss = mean relu(1 − D(x)) + mean relu(1 + D(sg(x̂)))           gradient → D only

@@ -1,5 +1,5 @@
-"""Official VAR `.pth` files ⇄ fvar checkpoints (`fvar convert`): read them safely (weights_only),
-tell a VQ-VAE from a transformer, read the architecture off the state dict, and write them back.
+"""Official VAR `.pth` files ⇄ fvar checkpoints (`fvar convert`), exactly, in both directions:
+files read with weights_only, the kind and architecture read off the state dict.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The dual-path tokenizer: VAR's VQ-VAE (encoder, quant_conv, multi-scale quantizer,
-post_quant_conv, decoder) plus FVAR's focus encoding (docs/design.md §5), and official-format interop.
+post_quant_conv, decoder) plus FVAR's focus encoding (docs/design.md §5), state-dict compatible with the official one.
 
     img (B, 3, H, W) in [-1, 1] ──encoder──quant_conv──▶ f (B, Cz, H/16, W/16)
     f ──quantizer──▶ K token maps (B, pn_k²) [+ K alias maps] ──▶ f̂ ──post_quant_conv──decoder──▶ img

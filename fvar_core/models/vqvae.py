@@ -1,4 +1,4 @@
-"""VAR's VQ-VAE encoder and decoder (docs/var-compat.md §1.2), written to be state-dict compatible.
+"""VAR's VQ-VAE encoder/decoder pair (docs/var-compat.md §1.2), written to be state-dict compatible.
 
 The module tree mirrors the official one attribute for attribute, so `state_dict()` keys and
 shapes equal those of `vae_ch160v4096z32.pth` (encoder.* / decoder.*; the full list is in

@@ -328,7 +328,7 @@ class RandomTokens(torch.utils.data.Dataset):
 
     def set_epoch(self, epoch: int) -> None:
         """Items do not depend on the epoch; having this keeps the loop off its slow path (seeding
-        the global RNGs around every item, `training.EpochItems`)."""
+        the global RNGs around every item, `train.loop.EpochItems`)."""
 
     def __getitem__(self, i: int):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
@@ -340,7 +340,7 @@ class RandomTokens(torch.utils.data.Dataset):
 def bench_train(preset, *, distill: bool = False, batch: int = 64, steps: int = 10, warmup: int = 3,
                 device: Optional[str] = None, peak_tflops: Optional[float] = None,
                 flops: bool = True) -> Dict[str, Any]:
-    """Time the real training loop (`training.fit` with `VARTask`: autocast, backward, clipping,
+    """Time the real training loop (`train.loop.fit` with `VARTask`: autocast, backward, clipping,
     fused AdamW on CUDA, the preset's compile / activation-checkpointing switches) on random tokens,
     no checkpoints written. `warmup` untimed steps (compilation happens there), then `steps` timed
     ones, each timed by the loop itself (it reads the loss back every step, so step times are real).

@@ -1,1 +1,1 @@
-"""Generation: the scale-by-scale sampler, in- and out-painting, and what they write."""
+"""Generation: the scale-by-scale sampler, in-/out-painting, the files they write."""

@@ -1,4 +1,4 @@
-"""Zero-shot in- and out-painting (docs/design.md §8, docs/var-compat.md §5): sample with the image's own tokens kept.
+"""Zero-shot in-/out-painting (docs/design.md §8, docs/var-compat.md §5): sample with the image's own tokens kept.
 
 The image is encoded with the checkpoint's tokenizer; at every scale the tokens inside the known
 region are replaced by the image's own (in the tokens and in f̂, so every later scale is

@@ -1,4 +1,4 @@
-"""A transformer checkpoint and the tokenizer that decodes it, loaded as one pair on one device.
+"""Model pairs: a transformer checkpoint with the tokenizer that decodes it, loaded on one device.
 
 `load_models` finds the tokenizer by `runs.find_tokenizer`'s rule (or the one given), checks it
 is the tokenizer the transformer was trained with (`checks.check_tokenizer_fits`) and records

@@ -1,5 +1,5 @@
-"""What sampling writes: one PNG per image, grids, per-scale token archives and JSON sidecars, for
-`fvar sample` (`sample_to_dir`) and `fvar eval` (`generate_to_folder`, resumable).
+"""What sampling writes: one PNG per image, grids, per-scale token archives, JSON sidecars — for
+`fvar sample` (`sample_to_dir`), `fvar eval` (`generate_to_folder`, resumable).
 """
 from __future__ import annotations
 

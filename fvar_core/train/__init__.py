@@ -1,1 +1,1 @@
-"""Training: the one loop (`train.loop.fit`) and its tasks (tokenizer, student, distillation)."""
+"""Training: the one loop (`train.loop.fit`) with its tasks (tokenizer, student, distillation)."""

@@ -1,5 +1,5 @@
-"""Codebook health while a tokenizer trains: per-scale usage in the log window, and restarts of
-codes no input chose since the last restart (VQGAN-style dead-code re-seeding).
+"""Codebook health while a tokenizer trains: per-scale usage in the log window, restarts of codes
+no input chose since the last restart (VQGAN-style dead-code re-seeding).
 
 Restarted codes are re-seeded from random rows of what that codebook codes in the current batch:
 the structure residuals area_down_k(z_k − f̂_{k−1}) for the structure codebook, the alias

@@ -1,4 +1,4 @@
-"""The one training loop (docs/design.md §7): tokenizer, transformer and distillation runs are
+"""The one training loop (docs/design.md §7): tokenizer, transformer, distillation runs are
 *tasks* plugged into `fit`, which owns everything they share. `fit` reads as its steps:
 
     fit(task, data, run_dir)

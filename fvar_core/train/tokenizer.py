@@ -1,4 +1,4 @@
-"""Training the dual-path tokenizer (docs/design.md §5, paper §4.2) as a task of the one loop (`training.fit`).
+"""Training the dual-path tokenizer (docs/design.md §5, paper §4.2) as a task of the one loop (`train.loop.fit`).
 
 Per step, on a batch x (B, 3, R, R) in [-1, 1]:
     focus images   PSF_ρk ⋆ x per scale (`psf.blur`, ρ_k from `schedules.radii`; scales with
@@ -95,7 +95,7 @@ def init_alias_only(tok: Tokenizer, path: Union[str, Path]) -> None:
 
 
 class TokenizerTask:
-    """The tokenizer mode of `training.fit` (see `training.Task`)."""
+    """The tokenizer mode of `train.loop.fit` (see `train.loop.Task`)."""
 
     kind = "tokenizer"
     mode = "tokenizer"
@@ -266,7 +266,7 @@ def train_tokenizer(preset: Preset, data_root: Union[str, Path], run_dir: Union[
                     allow_data_change: bool = False):
     """`fvar train-tokenizer`: scan and check the image folder (unreadable files are reported and
     skipped, and listed in the run's skipped-files.txt), then train (or resume) the tokenizer in
-    run_dir; resuming on another folder needs allow_data_change. Returns `training.FitResult`."""
+    run_dir; resuming on another folder needs allow_data_change. Returns `train.loop.FitResult`."""
     run_dir = Path(run_dir)
     folder = check_folder(data_root)
     good = folder.good

@@ -1,5 +1,5 @@
-"""Transformer training (`fvar train`) and online distillation (`fvar distill`) as tasks of the one
-loop (`training.fit`, docs/design.md §6–7).
+"""Transformer training — alone (`fvar train`) or distilled online from the teacher (`fvar distill`) —
+as tasks of the one loop (`train.loop.fit`, docs/design.md §6–7).
 
 Data: token shards (`fvar tokenize`, the fast path: no VAE in the step) or an image folder encoded
 on the fly by the frozen tokenizer (VAR's way, with random crops). Per step, on B items:
@@ -138,7 +138,7 @@ def check_shards_fit(preset: Preset, shards: Any, distill: bool) -> None:
 
 # -------------------------------------------------------------------------------------- the task
 class VARTask:
-    """`fvar train` (student alone) and `fvar distill` (teacher + student online) for `training.fit`."""
+    """`fvar train` (student alone) and `fvar distill` (teacher + student online) for `train.loop.fit`."""
 
     kind = "var"
     best_metric = "loss"
