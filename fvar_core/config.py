@@ -258,6 +258,9 @@ class SampleConfig(_Strict):
     top_k: int = Field(900, ge=0, description="0 = off")
     top_p: float = Field(0.96, ge=0.0, le=1.0, description="0 = off")
     more_smooth: bool = False
+    rng: Literal["per-image", "official"] = Field(
+        "per-image", description="per-image: each image from its own seed (independent of the batch); official: "
+                                 "one generator per batch, consumed as VAR's autoregressive_infer_cfg does")
     batch_size: int = Field(64, ge=1)
 
 

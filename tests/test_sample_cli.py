@@ -132,6 +132,7 @@ def test_newest_checkpoint_under_runs_dir_is_used_and_named(cli, tiny_runs, tmp_
     (["--class", "1", "--top-p", "2"], "top-p: Input should be less than or equal to 1"),
     (["--class", "1", "--cfg-mode", "weird"], "cfg-mode:"),
     (["--class", "1", "--device", "cuda:9"], "--device cuda:9"),
+    (["--class", "1", "--rng", "global"], "rng: Input should be 'per-image' or 'official'"),
 ])
 def test_bad_sample_arguments_are_one_line_errors(cli, tiny_ckpt, tmp_path, args, message):
     r = cli("sample", "--ckpt", str(tiny_ckpt), "--out", str(tmp_path / "s"), *args)
@@ -221,3 +222,19 @@ def test_generate_to_folder_resumes_without_regenerating(tiny_ckpt, tmp_path, mo
     monkeypatch.setattr(sampler, "load_models", boom)
     assert sampler.generate_to_folder(tiny_ckpt, out, labels, seeds, settings, progress=False) == paths
     assert not list(out.glob(".*.tmp"))  # no temporaries left behind
+
+
+def test_rng_official_draws_a_batch_from_one_generator_and_says_so(cli, tiny_ckpt, tmp_path):
+    """--rng official: one batch of 4 is one draw of the official stream (seeded with --seed), so the
+    same command reproduces it and the sidecar names the rule; a batch of 2 draws other images."""
+    def run(out, batch):
+        r = cli("sample", "--ckpt", str(tiny_ckpt), "--class", "1,3", "--n", "2", "--seed", "5", "--rng", "official",
+                "--batch", str(batch), "--out", str(out), "--save-tokens", str(out / "t.npz"), "--device", "cpu")
+        assert r.code == 0, r.err
+        return np.load(out / "t.npz"), json.loads((out / "samples.json").read_text())
+    a, doc = run(tmp_path / "a", 4)
+    b, _ = run(tmp_path / "b", 4)
+    c, _ = run(tmp_path / "c", 2)
+    assert doc["settings"]["rng"] == "official" and "g_seed" in doc["seed_rule"]
+    assert all(np.array_equal(a[f"tokens_{k}"], b[f"tokens_{k}"]) for k in range(4))
+    assert not all(np.array_equal(a[f"tokens_{k}"], c[f"tokens_{k}"]) for k in range(1, 4))

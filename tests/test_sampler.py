@@ -88,6 +88,23 @@ def test_greedy_sampling_reproduces_official_tokens_and_image(manifest, ref, ref
         _close(manifest, f"infer.{run_name}.img", out.images, run["img"])
 
 
+@pytest.mark.parametrize("run_name, smooth", [("readme_k900_p0.96_cfg1.5", False), ("smooth_k900_p0.96_cfg1.5", True)])
+def test_rng_official_reproduces_the_official_free_running_samples(manifest, ref, ref_var, ref_tok, run_name, smooth):
+    """`rng="official"` consumes randomness as `autoregressive_infer_cfg(g_seed=0)` does (one generator
+    for the batch: a multinomial per scale, then the gumbel draw with more_smooth): the fixture's two
+    stochastic runs (top-k 900, top-p 0.96, cfg 1.5) come out token for token."""
+    run = ref["infer"][run_name]
+    settings = SampleConfig(cfg=1.5, top_k=900, top_p=0.96, more_smooth=smooth, rng="official")
+    out = sample_batch(ref_var, ref_tok, ref["inputs"]["labels"], [0, 1], settings)
+    for si, (got, want) in enumerate(zip(out.tokens, run["idx_per_scale"])):
+        assert torch.equal(got, want), f"scale {si}: tokens differ from the official sampler"
+    _close(manifest, f"infer.{run_name}.f_hat", out.f_hat, run["f_hat"])
+    _close(manifest, f"infer.{run_name}.img_area32", _area32(out.images), run["img_area32"])
+    # the default draws per image, so the same seed gives other (equally valid) samples
+    per_image = sample_batch(ref_var, ref_tok, ref["inputs"]["labels"], [0, 1], settings.model_copy(update={"rng": "per-image"}))
+    assert not all(torch.equal(a, b) for a, b in zip(per_image.tokens, run["idx_per_scale"]))
+
+
 def test_all_ones_mask_teacher_forced_inference_matches_official(manifest, ref, ref_var, ref_tok):
     """The official zero-shot-edit path with an all-ones mask: every scale forced to the image's tokens."""
     run = ref["infer"]["teacher_forced_cfg1.5"]

@@ -25,7 +25,11 @@ def sample(
     more_smooth: Optional[bool] = typer.Option(
         None, "--more-smooth/--no-more-smooth", help="VAR's gumbel-softmax code mixing (nicer pictures, not for FID)."),
     seed: int = typer.Option(0, "--seed", min=0, help="Image i gets seed + i; the same seed gives the same image "
-                                                       "at any --batch."),
+                                                       "at any --batch (with --rng official: the batch's g_seed)."),
+    rng: Optional[str] = typer.Option(
+        None, "--rng", help="per-image (default: an image does not depend on its batch) or official (VAR's "
+                            "autoregressive_infer_cfg stream: the official demo's images for the same seed, "
+                            "classes and --batch)."),
     batch: Optional[int] = typer.Option(None, "--batch", "-b", min=1,
                                         help="Images per forward pass (default: the preset's sample.batch_size)."),
     tokenizer: Optional[Path] = typer.Option(
@@ -49,7 +53,7 @@ def sample(
         typer.echo(f"using the newest var checkpoint: {ckpt}")
     models = load_models(ckpt, tokenizer, device)
     settings = settings_from(models.preset.sample, cfg=cfg, cfg_mode=cfg_mode, cfg_schedule=cfg_schedule,
-                             top_k=top_k, top_p=top_p, more_smooth=more_smooth)
+                             top_k=top_k, top_p=top_p, more_smooth=more_smooth, rng=rng)
     ids = parse_classes(classes, models.var.num_classes)
     ident = models.identity["checkpoint"]
     step = f", step {ident['step']}" if ident.get("step") is not None else ""

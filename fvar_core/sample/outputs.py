@@ -127,6 +127,8 @@ def generate_to_folder(var_ckpt: Path, out_dir: Path, labels: Sequence[int], see
 # ------------------------------------------------------------------------------------------------
 
 SEED_RULE = "image i (0-based, classes in the order given, n per class) has seed seed + i"
+OFFICIAL_SEED_RULE = ("rng official: each batch of batch_size images is drawn from one generator seeded with "
+                      "seed + the index of its first image (VAR's g_seed), as autoregressive_infer_cfg draws")
 
 
 @dataclass
@@ -210,7 +212,7 @@ def sample_to_dir(models: Models, classes: Sequence[int], n: int, seed: int, set
         "checkpoint": models.identity["checkpoint"], "tokenizer": models.identity["tokenizer"],
         "settings": {**settings.model_dump(mode="json"), "seed": seed, "n_per_class": n,
                      "classes": [int(c) for c in classes], "batch_size": chunk, "device": str(models.device)},
-        "seed_rule": SEED_RULE, "resolution": models.preset.resolution,
+        "seed_rule": SEED_RULE if settings.rng == "per-image" else OFFICIAL_SEED_RULE, "resolution": models.preset.resolution,
         "patch_nums": list(models.var.patch_nums), "grid": grid.name, "grid_images": len(shown),
         "tokens": str(tok_path) if tok_path else None, "seconds": round(seconds, 3), "images": entries})
     return SampleRun(out_dir, files, grid, sidecar, tok_path, seconds)

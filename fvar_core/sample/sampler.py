@@ -24,9 +24,16 @@ Seeds: every image has its own seed. Its random numbers — one uniform per toke
 VAR's gumbel noise with more_smooth — come from a CPU `torch.Generator` seeded with it, and tokens
 are drawn by inverse CDF from those uniforms, so an image does not depend on the batch it shares,
 on chunking or on the device (up to float rounding of the logits). The null-class half uses no
-randomness. This is not the official RNG stream (one `torch.multinomial` over the whole batch), so
-stochastic samples differ from the official code's for the same seed; greedy (top_k 1) and
-teacher-forced runs match it (tests/test_sampler.py).
+randomness. This is not the official RNG stream, so stochastic samples differ from the official
+code's for the same seed; greedy (top_k 1) and teacher-forced runs match it either way.
+
+`rng="official"` instead consumes randomness exactly as VAR's `autoregressive_infer_cfg(g_seed=…)`:
+one generator on the model's device, seeded with the batch's first seed, drawn by one
+`torch.multinomial` over the batch's B·l rows per scale on VAR's in-place-filtered logits
+(`official_filter_`), then, with more_smooth, one gumbel draw of the logits' shape. An official
+checkpoint then gives the official demo's tokens for the same seed, labels, batch and settings
+(the fixture's top-k 900 / top-p 0.96 runs, with and without more_smooth, match token for token:
+tests/test_sampler.py). Its images depend on the batch they are drawn in, as the official ones do.
 """
 from __future__ import annotations
 
@@ -147,6 +154,33 @@ def pick_tokens(logits: torch.Tensor, u: torch.Tensor, top_k: int, top_p: float,
     return idx, filtered
 
 
+def official_filter_(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """VAR's `sample_with_top_k_top_p_` filter, in place on logits (B, l, V): −inf below the k-th
+    largest (ties kept), then, in ascending order, on tokens whose cumulative probability is
+    ≤ 1 − p (the largest always kept). Written op for op as the official code, so that
+    `rng="official"` hands torch.multinomial the official probabilities."""
+    V = logits.shape[-1]
+    if top_k > 0:
+        kth = logits.topk(min(top_k, V), largest=True, sorted=False, dim=-1)[0].amin(dim=-1, keepdim=True)
+        logits.masked_fill_(logits < kth, -math.inf)
+    if top_p > 0:
+        sorted_logits, sorted_idx = logits.sort(dim=-1, descending=False)
+        remove = sorted_logits.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
+        remove[..., -1:] = False
+        logits.masked_fill_(remove.scatter(sorted_idx.ndim - 1, sorted_idx, remove), -math.inf)
+    return logits
+
+
+def official_draw(logits: torch.Tensor, gen: torch.Generator, top_k: int, top_p: float):
+    """VAR's token draw for a whole batch from ONE generator: logits (B, l, V) float32 →
+    (idx (B, l), the filtered logits). One torch.multinomial over the B·l rows per scale, as
+    `autoregressive_infer_cfg` calls it; the batch's images share the stream."""
+    B, l, V = logits.shape
+    filtered = official_filter_(logits.clone(), top_k, top_p)
+    idx = torch.multinomial(filtered.softmax(dim=-1).view(-1, V), num_samples=1, replacement=True, generator=gen)
+    return idx.view(B, l), filtered
+
+
 def smooth_ratio_tau(si: int, num_scales: int) -> tuple[float, float]:
     """VAR's more_smooth: logits × (1 + ratio), gumbel temperature max(0.27(1 − 0.95 ratio), 0.005)."""
     ratio = si / max(num_scales - 1, 1)
@@ -217,6 +251,9 @@ def sample_batch(var, tokenizer, labels: torch.Tensor, seeds: Sequence[int], set
         raise ValueError(f"{len(seeds)} seeds for {B} labels")
     check_labels(labels.tolist(), var.num_classes, "labels", allow_null=True)
     gens = _generators(seeds)
+    official = settings.rng == "official"
+    # the official code seeds one generator on the model's device with g_seed (here: the batch's first seed)
+    batch_gen = torch.Generator(device).manual_seed(int(seeds[0])) if official else None
     # an all-unconditional batch (inpainting's default) has nothing to guide: its null half would
     # repeat the conditional one
     guided = not guidance_off(settings) and bool((labels != var.num_classes).any())
@@ -233,7 +270,7 @@ def sample_batch(var, tokenizer, labels: torch.Tensor, seeds: Sequence[int], set
     tokens: List[torch.Tensor] = []
     # every image's uniforms for all scales drawn up front (the same numbers as per-scale draws
     # from its generator) and moved once; with more_smooth the gumbel noise follows them
-    u_all = _uniforms(gens, var.seq_len, device)  # (B, L)
+    u_all = None if official else _uniforms(gens, var.seq_len, device)  # (B, L)
     if known is not None:
         known = [k.to(device) for k in known]
         known_mask = [m.to(device) for m in known_mask]
@@ -243,14 +280,21 @@ def sample_batch(var, tokenizer, labels: torch.Tensor, seeds: Sequence[int], set
             logits = var.forward_step(cond_BD, x, cache).float()  # (2B or B, l, V)
             if guided:
                 logits = guide(logits[:B], logits[B:], si, K, settings)
-            u = u_all[:, slice(*var.begin_ends[si])]
-            idx, filtered = pick_tokens(logits, u, settings.top_k, settings.top_p, want_filtered=settings.more_smooth)
+            if official:
+                idx, filtered = official_draw(logits, batch_gen, settings.top_k, settings.top_p)
+            else:
+                u = u_all[:, slice(*var.begin_ends[si])]
+                idx, filtered = pick_tokens(logits, u, settings.top_k, settings.top_p,
+                                            want_filtered=settings.more_smooth)
             if observe is not None:
                 observe(si, logits, idx)
             if settings.more_smooth:  # VAR's soft code mix (visualisation only, docs/var-compat.md §2.8)
                 ratio, tau = smooth_ratio_tau(si, K)
-                expo = torch.stack([torch.empty(pn * pn, E.shape[0]).exponential_(generator=g) for g in gens])
-                gumbel = -expo.to(device).log()
+                if official:  # one draw of the logits' shape from the batch's generator, after the tokens
+                    gumbel = -torch.empty_like(filtered).exponential_(generator=batch_gen).log()
+                else:
+                    expo = torch.stack([torch.empty(pn * pn, E.shape[0]).exponential_(generator=g) for g in gens])
+                    gumbel = -expo.to(device).log()
                 h = ((filtered * (1 + ratio) + gumbel) / tau).softmax(-1) @ E  # (B, l, Cv)
             else:
                 h = F.embedding(idx, E)  # (B, l, Cv)
@@ -304,6 +348,9 @@ def sample(var, tokenizer, labels: Sequence[int], seeds: Sequence[int], settings
             if not _is_oom(e) or var.pos_1LC.device.type != "cuda":
                 raise
             torch.cuda.empty_cache()
+            if settings.rng == "official":  # a smaller chunk would draw other samples: say so instead
+                raise UserError(f"out of GPU memory at batch {chunk} with --rng official, whose samples depend "
+                                f"on the batch: choose a smaller --batch (and seed) yourself") from None
             if chunk == 1:
                 raise UserError("out of GPU memory even at batch 1: use a smaller model or --device cpu") from None
             chunk = max(1, chunk // 2)
