@@ -12,7 +12,8 @@ from ..options import DeviceOption, writable_folder
 def inpaint(
     image: Path = typer.Option(..., "--image", "-i", help="The image to edit."),
     ckpt: Optional[Path] = typer.Option(
-        None, "--ckpt", "-c", help="var checkpoint or run folder (default: the newest under $FVAR_RUNS or ./runs)."),
+        None, "--ckpt", "-c", help="var checkpoint or run folder, or an official var_d*.pth with --tokenizer "
+                                   "(default: the newest under $FVAR_RUNS or ./runs)."),
     box: Optional[str] = typer.Option(
         None, "--box", help="Region to generate, x0,y0,x1,y1 in the image's pixels (x1, y1 exclusive) or as "
                             "fractions (0.1,0.1,0.8,0.8)."),
@@ -44,14 +45,14 @@ def inpaint(
     from fvar_core.sample.inpaint import check_edit_request, edit_to_dir
     from fvar_core.runs import newest_checkpoint
     from fvar_core.checks import parse_classes
-    from fvar_core.sample.loading import load_models
+    from fvar_core.sample.loading import open_models
     from fvar_core.sample.sampler import settings_from
 
     check_edit_request(box=box, mask=mask, outpaint=outpaint, canvas=canvas, fit=fit)
     if ckpt is None:
         ckpt = newest_checkpoint("var")
         typer.echo(f"using the newest var checkpoint: {ckpt}")
-    models = load_models(ckpt, tokenizer, device)
+    models = open_models(ckpt, tokenizer, device)
     label = None
     if class_ is not None:
         ids = parse_classes(class_, models.var.num_classes)

@@ -11,8 +11,9 @@ from ..options import DeviceOption, writable_file, writable_folder
 
 def sample(
     ckpt: Optional[Path] = typer.Option(
-        None, "--ckpt", "-c", help="var checkpoint or run folder (default: the newest var checkpoint under "
-                                   "$FVAR_RUNS or ./runs)."),
+        None, "--ckpt", "-c", help="var checkpoint or run folder, or an official var_d*.pth with --tokenizer "
+                                   "vae_ch160v4096z32.pth (default: the newest var checkpoint under $FVAR_RUNS "
+                                   "or ./runs)."),
     classes: str = typer.Option(..., "--class", help="Class ids: 207, 1,207,388, a range 0-9, or 'uncond'."),
     n: int = typer.Option(8, "--n", "-n", min=1, help="Images per class."),
     cfg: Optional[float] = typer.Option(None, "--cfg", help="Guidance strength (default: the preset's, VAR 1.5)."),
@@ -44,14 +45,14 @@ def sample(
     """Sample images of the given classes; defaults come from the checkpoint's preset (`sample:`)."""
     from fvar_core.runs import newest_checkpoint
     from fvar_core.checks import parse_classes
-    from fvar_core.sample.loading import load_models
+    from fvar_core.sample.loading import open_models
     from fvar_core.sample.outputs import progress_bar, sample_to_dir
     from fvar_core.sample.sampler import settings_from
 
     if ckpt is None:
         ckpt = newest_checkpoint("var")
         typer.echo(f"using the newest var checkpoint: {ckpt}")
-    models = load_models(ckpt, tokenizer, device)
+    models = open_models(ckpt, tokenizer, device)
     settings = settings_from(models.preset.sample, cfg=cfg, cfg_mode=cfg_mode, cfg_schedule=cfg_schedule,
                              top_k=top_k, top_p=top_p, more_smooth=more_smooth, rng=rng)
     ids = parse_classes(classes, models.var.num_classes)

@@ -86,11 +86,16 @@ def fit_square(img: torch.Tensor, size: int) -> torch.Tensor:
     return img[:, top:top + size, left:left + size].contiguous()
 
 
+def to_pil(img: torch.Tensor) -> Image.Image:
+    """(3, H, W) in [0, 1] → an 8-bit RGB PIL image (rounded half up: the pixels fvar's PNGs hold)."""
+    arr = (img.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255.0 + 0.5).astype(np.uint8)
+    return Image.fromarray(arr)
+
+
 def save_png(img: Union[torch.Tensor, Image.Image], path: Union[str, Path]) -> None:
     """(3, H, W) in [0, 1] or a PIL image → PNG file, written atomically."""
     if isinstance(img, torch.Tensor):
-        arr = (img.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255.0 + 0.5).astype(np.uint8)
-        img = Image.fromarray(arr)
+        img = to_pil(img)
     import io
 
     buf = io.BytesIO()

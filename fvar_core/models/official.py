@@ -24,6 +24,7 @@ from fvar_core.models.transformer import VAR
 PathLike = Union[str, Path]
 DEFAULT_TOKENIZER_PRESET = "var-d16-256"  # the preset of the official vae_ch160v4096z32.pth
 DEFAULT_VAR_PRESET = "var-d16-256"
+OFFICIAL_SUFFIXES = (".pth", ".pt")  # what a path to an official file (not an fvar folder) ends with
 
 _TENSOR_DICT_KEYS = ("model", "state_dict", "module", "net", "vae", "var")
 
@@ -211,20 +212,30 @@ def _check_replace(out: Path, kind: str, overwrite: bool) -> None:
         raise UserError(f"--out {out} already holds {article(kind)} {kind} checkpoint: pass --overwrite to replace it")
 
 
-def import_official(src: PathLike, out: PathLike, preset_name: Optional[str] = None,
-                    overrides: Iterable[str] = (), overwrite: bool = False) -> ConversionReport:
-    """Official VAR `.pth` (VQ-VAE or transformer) → fvar checkpoint directory.
+@dataclass
+class OfficialModel:
+    """An official `.pth` built into its fvar model (weights loaded strictly, on the CPU)."""
+
+    kind: str                  # "tokenizer" or "var"
+    preset: Preset             # the preset its architecture was read into
+    preset_name: str
+    model: torch.nn.Module     # Tokenizer or VAR
+    provenance: dict           # {"source": {file, sha256, format}, "step": None, "converted_with_preset"}
+
+
+def load_official(src: PathLike, preset_name: Optional[str] = None, overrides: Iterable[str] = (),
+                  expect_kind: Optional[str] = None) -> OfficialModel:
+    """Official VAR `.pth` (VQ-VAE or transformer) → its fvar model, without writing anything.
 
     The architecture is read off the state dict and set on the preset (default: var-d16-256 for a
     VQ-VAE, the var-d{depth} preset of matching length for a transformer); the user's overrides
-    apply after it. The weights go through the model's strict official loader before saving. An
-    existing checkpoint at `out` is replaced only if it is of the same kind and `overwrite`.
-    """
-    src, out = Path(src), Path(out)
-    check_checkpoint_target(out)
+    apply after it. The weights go through the model's strict official loader."""
+    src = Path(src)
     sd = read_official_pth(src)
     kind = detect_official_kind(sd)
-    _check_replace(out, kind, overwrite)
+    if expect_kind is not None and kind != expect_kind:
+        raise UserError(f"{src} is an official {'VQ-VAE' if kind == 'tokenizer' else 'VAR transformer'} file, "
+                        f"expected {'a VQ-VAE' if expect_kind == 'tokenizer' else 'a VAR transformer'}")
     if kind == "tokenizer":
         name = preset_name or DEFAULT_TOKENIZER_PRESET
         preset = load_preset(name, [*official_tokenizer_overrides(sd), *overrides])
@@ -237,13 +248,24 @@ def import_official(src: PathLike, out: PathLike, preset_name: Optional[str] = N
         if isinstance(pos, torch.Tensor) and pos.ndim == 3 and pos.shape[1] != preset.seq_len:
             raise UserError(f"{src} has {pos.shape[1]} tokens per image, preset '{name}' has {preset.seq_len} "
                             f"(patch_nums {list(preset.patch_nums)}): choose the preset of its resolution with --preset")
-        model = VAR(preset.model, preset.patch_nums, preset.tokenizer.vocab_size,
-                                   preset.tokenizer.z_channels)
+        model = VAR(preset.model, preset.patch_nums, preset.tokenizer.vocab_size, preset.tokenizer.z_channels)
         model.load_official_state_dict(sd)
-    state = model.state_dict()
     provenance = {"source": {"file": src.name, "sha256": file_sha256(src), "format": "official VAR .pth"},
                   "step": None, "converted_with_preset": name}
-    out = save_checkpoint(out, kind=kind, preset=preset, state_dict=state, provenance=provenance)
+    return OfficialModel(kind, preset, name, model, provenance)
+
+
+def import_official(src: PathLike, out: PathLike, preset_name: Optional[str] = None,
+                    overrides: Iterable[str] = (), overwrite: bool = False) -> ConversionReport:
+    """Official VAR `.pth` → fvar checkpoint directory (`load_official`, then saved). An existing
+    checkpoint at `out` is replaced only if it is of the same kind and `overwrite`."""
+    src, out = Path(src), Path(out)
+    check_checkpoint_target(out)
+    m = load_official(src, preset_name, overrides)
+    _check_replace(out, m.kind, overwrite)
+    kind, preset, name = m.kind, m.preset, m.preset_name
+    state = m.model.state_dict()
+    out = save_checkpoint(out, kind=kind, preset=preset, state_dict=state, provenance=m.provenance)
     return ConversionReport(kind=kind, architecture=_describe(kind, preset), num_tensors=len(state), out=out,
                             preset=name)
 

@@ -8,19 +8,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 
 from fvar_core.checks import check_tokenizer_fits
-from fvar_core.checkpoints import WEIGHTS_NAME, load_checkpoint
+from fvar_core.checkpoints import WEIGHTS_NAME, Checkpoint, load_checkpoint
 from fvar_core.data.folders import read_class_index
 from fvar_core.devices import pick_device
 from fvar_core.hashing import file_sha256
 from fvar_core.models.loading import build_tokenizer, build_var
+from fvar_core.errors import UserError
+from fvar_core.models.official import OFFICIAL_SUFFIXES, load_official
 from fvar_core.runs import find_tokenizer, resolve_checkpoint
 
 PathLike = Union[str, Path]
+
 
 def checkpoint_identity(ckpt) -> Dict[str, Any]:
     """What names a checkpoint in sidecars: path, weights sha256, preset, step, kind."""
@@ -66,9 +69,45 @@ CLASS_INDEX_NAME = "classes.json"
 
 def class_names_for(ckpt_dir: PathLike) -> Optional[List[str]]:
     """The run's class names: `classes.json` in the checkpoint directory, else in its run directory
-    (two levels up: <run>/checkpoints/step-N); None when neither has one."""
+    (two levels up: <run>/checkpoints/step-N); None when neither has one (or for an official file)."""
     d = Path(ckpt_dir)
+    if not d.is_dir():
+        return None
     for cand in (d / CLASS_INDEX_NAME, d.parent.parent / CLASS_INDEX_NAME):
         if cand.is_file():
             return read_class_index(cand)
     return None
+
+
+def load_official_pair(var_pth: PathLike, vae_pth: PathLike, device=None, preset: Optional[str] = None,
+                       overrides: Sequence[str] = ()) -> Models:
+    """An official `var_d*.pth` and `vae_ch160v4096z32.pth` (or files of their format) as a model
+    pair, converted in memory (nothing written; `fvar convert import` keeps a converted copy).
+    `preset`/`overrides` as for `fvar convert import` of the transformer."""
+    dev = device if isinstance(device, torch.device) else pick_device(device or "auto")
+    v = load_official(var_pth, preset, overrides, expect_kind="var")
+    t = load_official(vae_pth, expect_kind="tokenizer")
+    check_tokenizer_fits(v.preset, t.preset, f"VQ-VAE {vae_pth}", interface_only=True,
+                         hint=f"not the VQ-VAE of {var_pth}")
+    cks = [Checkpoint(path=Path(p), kind=m.kind, preset=m.preset, state_dict={}, provenance=m.provenance)
+           for p, m in ((var_pth, v), (vae_pth, t))]
+    identity = {name: {"path": str(Path(p).resolve()), "kind": m.kind, "sha256": m.provenance["source"]["sha256"],
+                       "preset": m.preset.name, "step": None}
+                for name, p, m in (("checkpoint", var_pth, v), ("tokenizer", vae_pth, t))}
+    return Models(v.model.to(dev).eval(), t.model.to(dev).eval(), cks[0], cks[1], dev, identity)
+
+
+def open_models(source: PathLike, tokenizer: Optional[PathLike] = None, device=None, preset: Optional[str] = None,
+                overrides: Sequence[str] = ()) -> Models:
+    """Whatever names a generator → the model pair: an official `.pth` transformer (then `tokenizer`
+    is the official VQ-VAE file; `preset`/`overrides` pick its architecture) or an fvar run /
+    checkpoint (`load_models`; it carries its preset, so preset/overrides are refused)."""
+    src = Path(source)
+    if src.suffix in OFFICIAL_SUFFIXES:
+        if tokenizer is None:
+            raise UserError(f"{src} is an official transformer file: give the official VQ-VAE .pth as the tokenizer")
+        return load_official_pair(src, tokenizer, device, preset, overrides)
+    if preset is not None or overrides:
+        raise UserError("a preset applies to official .pth files only: an fvar checkpoint carries its own")
+    return load_models(src, tokenizer, device)
+
