@@ -27,16 +27,30 @@ def discover(group: str = GROUP) -> list[EntryPoint]:
     return list(seen.values())
 
 
+def _version(value: bool) -> None:
+    if value:
+        from fvar_core import __version__
+
+        typer.echo(f"fvar {__version__}")
+        raise typer.Exit()
+
+
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print fvar's version and exit.")) -> None:
+    """FVAR: visual autoregressive modelling via next-focus prediction (VAR-compatible)."""
+
+
 def build_app(eps: Optional[Iterable[EntryPoint]] = None) -> typer.Typer:
-    """A fresh Typer app with one subcommand per entry point."""
+    """A fresh Typer app with one subcommand per entry point (and Typer's shell completion:
+    `fvar --install-completion`)."""
     app = typer.Typer(
         name="fvar",
         help="FVAR: visual autoregressive modelling via next-focus prediction (VAR-compatible).",
         no_args_is_help=True,
-        add_completion=False,
         pretty_exceptions_enable=False,
         context_settings={"help_option_names": ["-h", "--help"]},
     )
+    app.callback()(_root)
     for ep in discover() if eps is None else eps:
         try:
             obj = ep.load()

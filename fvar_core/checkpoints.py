@@ -3,7 +3,8 @@
 A checkpoint is a directory:
 
     config.json         {"format": "fvar-checkpoint", "format_version": 1, "kind": ..., "preset": {...},
-                         "provenance": {"fvar_version", "created" (UTC ISO), "source", "step", ...},
+                         "provenance": {"fvar_version", "created" (UTC ISO), "environment" (torch, cuda,
+                                        gpus, git_commit, command), "source", "step", ...},
                          "files": {name: {"bytes", "sha256"}} of the other files (absent before v0.2)}
     model.safetensors   the weights (no pickle is ever needed to load them)
     training_state.pt   optional: optimizer / scheduler / RNG state for resuming
@@ -25,16 +26,18 @@ import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from fvar_core.atomic import umask, write_error
 from fvar_core.config import Preset
+from fvar_core.environment import provenance as environment_provenance
 from fvar_core.errors import UserError
 from fvar_core.hashing import file_sha256
 from fvar_core.jsondocs import read_json_doc
+from fvar_core.modelcard import CARD_NAME, model_card
 from fvar_core.presets import validate
 
 FORMAT = "fvar-checkpoint"
@@ -127,20 +130,22 @@ def check_checkpoint_target(directory: PathLike) -> Path:
 def save_checkpoint(directory: PathLike, *, kind: str, preset: Optional[Preset],
                     state_dict: Mapping[str, torch.Tensor], provenance: Optional[Mapping[str, Any]] = None,
                     training_state: Optional[Mapping[str, Any]] = None,
-                    extra: Optional[Mapping[str, Any]] = None) -> Path:
+                    extra: Optional[Mapping[str, Any]] = None, classes: Optional[Sequence[str]] = None) -> Path:
     """Write an fvar checkpoint directory atomically and return its path.
 
     An existing fvar checkpoint (or empty directory) at `directory` is replaced; anything else
     there is refused. `training_state` (optional, e.g. optimizer state) goes to training_state.pt
     in the same atomic step. On ENOSPC nothing is overwritten and a UserError says so. `extra`:
     more top-level config.json entries (a classifier's architecture, which has no preset).
+    The model card (`modelcard.model_card`, README.md) is written in the same step; `classes`
+    (the class names, when known) appear in it.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if (preset is None) != (kind in PRESETLESS_KINDS):
         raise ValueError(f"a {kind} checkpoint {'has no' if kind in PRESETLESS_KINDS else 'needs a'} preset")
     target = check_checkpoint_target(directory)
-    prov = {"fvar_version": _fvar_version(), "created": _utc_now()}
+    prov = {"fvar_version": _fvar_version(), "created": _utc_now(), "environment": environment_provenance()}
     prov.update(provenance or {})
     config = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind,
               **({"preset": preset.model_dump(mode="json")} if preset is not None else {}),
@@ -171,6 +176,10 @@ def save_checkpoint(directory: PathLike, *, kind: str, preset: Optional[Preset],
                            for p in (weights, tmp / TRAINING_STATE_NAME) if p.is_file()}
         with open(tmp / CONFIG_NAME, "w", encoding="utf-8") as f:
             f.write(json.dumps(config, indent=2) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        with open(tmp / CARD_NAME, "w", encoding="utf-8") as f:  # documentation: not in "files", never verified
+            f.write(model_card(kind, preset, prov, classes))
             f.flush()
             os.fsync(f.fileno())
         _fsync_path(tmp)
@@ -374,3 +383,14 @@ def load_strict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], 
                         f"(shape {tuple(state_dict[extra[0]].shape)})"
                         + (f" and {len(extra) - 1} more" if len(extra) > 1 else ""))
     model.load_state_dict(state_dict, strict=True)
+
+
+def card_for(checkpoint_dir: PathLike) -> str:
+    """The model card of a checkpoint: its README.md, or one made from its config.json when it has
+    none (checkpoints written before fvar wrote cards)."""
+    d, data = read_checkpoint_config(checkpoint_dir)
+    if (d / CARD_NAME).is_file():
+        return (d / CARD_NAME).read_text(encoding="utf-8")
+    preset = validate(data["preset"], f"checkpoint {d} preset") if data["kind"] not in PRESETLESS_KINDS else None
+    return model_card(data["kind"], preset, data.get("provenance", {}))
+

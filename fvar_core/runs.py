@@ -140,10 +140,11 @@ BEST = "best"
 CONFIG_YAML = "config.yaml"
 METRICS = "metrics.jsonl"
 LOG = "log.txt"
+CLASS_INDEX = "classes.json"  # in a run / shard folder: the class names, index order
 SKIPPED_FILES = "skipped-files.txt"  # in a run / shard folder: every file left out, with its reason
 CHECKPOINT_FILES = ("config.json", "model.safetensors", "training_state.pt")  # of a complete training checkpoint
 # What else a run directory may hold (a folder with anything more is not one).
-RUN_FILES = (LOG, METRICS, CHECKPOINTS, "samples", "classes.json", TOKENIZER_DIR, ".tokenizer.tmp", "teacher",
+RUN_FILES = (LOG, METRICS, CHECKPOINTS, "samples", CLASS_INDEX, TOKENIZER_DIR, ".tokenizer.tmp", "teacher",
              "discriminator.safetensors", LOCK_NAME, SKIPPED_FILES)
 
 # Fields that may change between a run and its resume: how long it runs and how it reports.

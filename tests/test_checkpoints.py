@@ -58,7 +58,7 @@ def test_save_load_round_trip_is_bit_identical(tmp_path, tiny):
     preset, sd = tiny
     out = save_checkpoint(tmp_path / "tok", kind="tokenizer", preset=preset, state_dict=sd,
                           provenance={"step": 7, "source": {"file": "x.pth", "sha256": "0" * 64}})
-    assert out == tmp_path / "tok" and _entries(out) == ["config.json", "model.safetensors"]
+    assert out == tmp_path / "tok" and _entries(out) == ["README.md", "config.json", "model.safetensors"]
     c = load_checkpoint(out, expect_kind="tokenizer")
     assert isinstance(c, Checkpoint) and c.kind == "tokenizer" and c.path == out
     assert c.preset == preset
@@ -419,3 +419,26 @@ def test_official_var_overrides_read_the_released_architectures(name, shared):
     got = load_preset(name, official_var_overrides(sd))
     assert got.model == p.model and got.model.shared_aln is shared
     assert default_var_preset(sd) == name
+
+
+def test_every_checkpoint_carries_a_model_card_that_names_what_it_is(tmp_path):
+    from fvar_core.modelcard import read_card_header
+
+    preset = load_preset("tiny-64")
+    prov = {"step": 12, "data_identity": {"source": "images", "path": "/data/fm", "fingerprint": "ab" * 32},
+            "metrics": {"loss": 3.25, "acc": 0.5, "step": 12, "img_per_s": 9.0, "usage": [1, 2]}}
+    d = save_checkpoint(tmp_path / "v", kind="var", preset=preset, state_dict={"w": torch.ones(2)},
+                        provenance=prov, classes=[f"c{i}" for i in range(30)])
+    head = read_card_header(d / "README.md")
+    assert head["library_name"] == "fvar" and head["license"] == "mit" and "image-generation" in head["tags"]
+    text = (d / "README.md").read_text()
+    assert "# tiny-64 (var)" in text and "| step | 12 |" in text and "/data/fm" in text
+    assert "c0, c1" in text and "(30 in all)" in text and "| loss | 3.25 |" in text
+    assert f"top-k {preset.sample.top_k}," in text and "tian2024var" in text and "li2025fvar" in text
+    (d / "README.md").write_text("my own notes\n")  # documentation: editing it breaks nothing
+    assert load_checkpoint(d).provenance["step"] == 12
+    with pytest.raises(ValueError, match="no YAML header"):
+        read_card_header(d / "README.md")
+    (d / "README.md").write_text(text)  # the suite checks every checkpoint's card at the end
+    t = save_checkpoint(tmp_path / "t", kind="tokenizer", preset=preset, state_dict={"w": torch.ones(2)})
+    assert "vq-vae" in read_card_header(t / "README.md")["tags"]

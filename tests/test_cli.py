@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 from fvar_cli.app import GROUP, build_app, discover, run
 
@@ -104,3 +105,38 @@ def test_no_help_text_is_eaten_as_rich_markup():
                 walk(sub, f"{path} {name}")
 
     walk(typer.main.get_command(build_app()), "fvar")
+
+
+def test_version_env_and_completion(cli):
+    import json
+
+    from fvar_core import __version__
+
+    r = cli("--version")
+    assert r.code == 0 and r.out.strip() == f"fvar {__version__}"
+    r = cli("env")
+    assert r.code == 0 and "torch" in r.out and "accelerate" in r.out and "torch-fidelity" in r.out and "cuda" in r.out
+    doc = json.loads(cli("env", "--json").out)
+    import torch
+
+    assert doc["packages"]["torch"] == torch.__version__.split("+")[0] or doc["packages"]["torch"] == torch.__version__
+    assert doc["cuda"]["available"] == torch.cuda.is_available() and doc["cpu_count"] >= 1
+    assert "--install-completion" in cli("--help").out  # Typer's shell completion
+    assert cli("env", "--yaml").code == 2
+
+
+def test_checkpoints_record_where_and_how_they_were_made(tmp_path, monkeypatch):
+    import torch
+
+    from fvar_core.checkpoints import load_checkpoint, save_checkpoint
+    from fvar_core.environment import git_commit
+    from fvar_core.presets import load_preset
+
+    monkeypatch.setattr(sys, "argv", ["fvar", "train", "--preset", "tiny-64"])
+    d = save_checkpoint(tmp_path / "c", kind="var", preset=load_preset("tiny-64"), state_dict={"w": torch.ones(1)})
+    env = load_checkpoint(d).provenance["environment"]
+    assert env["torch"] == torch.__version__ and env["cuda"] == torch.version.cuda
+    assert env["command"] == ["fvar", "train", "--preset", "tiny-64"]
+    assert env["git_commit"] == git_commit()  # this checkout's commit when run from one
+    if (Path(__file__).resolve().parent.parent / ".git").exists():
+        assert env["git_commit"] and len(env["git_commit"].split("+")[0]) == 40

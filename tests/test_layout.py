@@ -48,5 +48,5 @@ def test_every_module_lives_in_a_stage_or_is_infrastructure():
     top = sorted(p.stem for p in ROOT.glob("*.py") if p.stem != "__init__")
     stages = sorted(p.name for p in ROOT.iterdir() if p.is_dir() and (p / "__init__.py").exists())
     assert stages == sorted(STAGES)
-    assert top == sorted(["atomic", "checkpoints", "checks", "config", "devices", "envvars", "errors", "hashing",
-                          "interrupt", "jsondocs", "presets", "runlock", "runs"])
+    assert top == sorted(["atomic", "checkpoints", "checks", "config", "devices", "environment", "envvars", "errors", "hashing",
+                          "interrupt", "jsondocs", "modelcard", "presets", "runlock", "runs"])

@@ -57,14 +57,13 @@ from fvar_core.errors import UserError
 from fvar_core.hashing import tensors_sha256
 from fvar_core.jsondocs import read_json_doc
 from fvar_core.atomic import atomic_write_bytes
-from fvar_core.runs import SKIPPED_FILES
+from fvar_core.runs import CLASS_INDEX, SKIPPED_FILES
 from fvar_core.runlock import LOCK_NAME
 from fvar_core.data.folders import write_class_index
 
 FORMAT = "fvar-token-shards"
 VERSION = 1
 MANIFEST = "manifest.json"
-CLASS_INDEX = "classes.json"
 
 # Manifest fields that describe what the tokens ARE; a resume compares them. Anything else
 # (shard list, totals, tokenizer path) is bookkeeping or provenance.

@@ -20,7 +20,7 @@ from fvar_core.hashing import file_sha256
 from fvar_core.models.loading import build_tokenizer, build_var
 from fvar_core.errors import UserError
 from fvar_core.models.official import OFFICIAL_SUFFIXES, load_official
-from fvar_core.runs import find_tokenizer, resolve_checkpoint
+from fvar_core.runs import CLASS_INDEX, find_tokenizer, resolve_checkpoint
 
 PathLike = Union[str, Path]
 
@@ -64,16 +64,13 @@ def load_models(var_ckpt: PathLike, tokenizer: Optional[PathLike] = None, device
     return Models(var, tok, ck, tk, dev, identity)
 
 
-CLASS_INDEX_NAME = "classes.json"
-
-
 def class_names_for(ckpt_dir: PathLike) -> Optional[List[str]]:
     """The run's class names: `classes.json` in the checkpoint directory, else in its run directory
     (two levels up: <run>/checkpoints/step-N); None when neither has one (or for an official file)."""
     d = Path(ckpt_dir)
     if not d.is_dir():
         return None
-    for cand in (d / CLASS_INDEX_NAME, d.parent.parent / CLASS_INDEX_NAME):
+    for cand in (d / CLASS_INDEX, d.parent.parent / CLASS_INDEX):
         if cand.is_file():
             return read_class_index(cand)
     return None

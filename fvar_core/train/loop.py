@@ -40,12 +40,13 @@ import torch.nn as nn
 from fvar_core.atomic import atomic_write_bytes, ensure_dir
 from fvar_core.checkpoints import load_checkpoint, load_training_state, save_checkpoint
 from fvar_core.config import LoopConfig, Preset
+from fvar_core.data.folders import read_class_index
 from fvar_core.devices import pick_device
 from fvar_core.errors import UserError
 from fvar_core.hashing import tensors_sha256
 from fvar_core.interrupt import mark_interrupt
 from fvar_core.runlock import RunLock
-from fvar_core.runs import (BEST, CHECKPOINTS, CONFIG_YAML, LATEST, METRICS, CheckedRunDir, RunLog, append_line,
+from fvar_core.runs import (BEST, CHECKPOINTS, CLASS_INDEX, CONFIG_YAML, LATEST, METRICS, CheckedRunDir, RunLog, append_line,
                    check_data_identity, check_run_dir, complete_checkpoints, set_aside, step_name,
                    truncate_metrics, usable_checkpoint)
 from fvar_core.presets import preset_to_yaml
@@ -437,6 +438,11 @@ class _Saver:
         self.best, self.last, self.enabled = resumed.best, resumed.path, enabled
         self.best_metric = getattr(task, "best_metric", None)
 
+    def classes(self) -> Optional[List[str]]:
+        """The run's class names (classes.json, written before training by the task's prepare)."""
+        f = self.run_dir / CLASS_INDEX
+        return read_class_index(f) if f.is_file() else None
+
     def due(self, done: int) -> bool:
         return self.enabled and (done % self.cfg.ckpt_every == 0 or done == self.cfg.steps)
 
@@ -454,9 +460,11 @@ class _Saver:
                      "data_position": step * cfg.batch_size, "optimizer": self.opt.state_dict(),
                      "scheduler": {"name": cfg.lr_schedule, "step": step, "steps": cfg.steps}, "rng": rngs,
                      "task": extra, "best": self.best}
-            prov = {"source": "fvar training", "mode": task.mode, "step": step, **self.provenance}
+            prov = {"source": "fvar training", "mode": task.mode, "step": step, **self.provenance,
+                    "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
             final = save_checkpoint(root / step_name(step), kind=task.kind, preset=task.preset,
-                                    state_dict=task.state_dict(), provenance=prov, training_state=state)
+                                    state_dict=task.state_dict(), provenance=prov, training_state=state,
+                                    classes=self.classes())
             atomic_write_bytes(root / LATEST, (final.name + "\n").encode())
             if is_best:
                 atomic_write_bytes(root / BEST, (final.name + "\n").encode())

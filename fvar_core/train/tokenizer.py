@@ -41,7 +41,7 @@ from fvar_core.focus.schedules import radii
 from fvar_core.models.discriminator import (PatchDiscriminator, TokenizerWithDiscriminator, adversarial_loss,
                                             load_discriminator)
 from fvar_core.models.tokenizer import EXTENSION_KEYS, Tokenizer
-from fvar_core.runs import SKIPPED_FILES, check_run_dir, data_identity, resolve_checkpoint
+from fvar_core.runs import CLASS_INDEX, SKIPPED_FILES, check_run_dir, data_identity, resolve_checkpoint
 from fvar_core.sample.outputs import make_grid
 from fvar_core.train.codebook import CodebookMonitor
 from fvar_core.data.folders import (check_folder, write_class_index, write_skipped)
@@ -286,7 +286,7 @@ def train_tokenizer(preset: Preset, data_root: Union[str, Path], run_dir: Union[
             "init_from": str(init_from) if init_from else None}
 
     def prepare(d: Path) -> None:
-        write_class_index(d / "classes.json", good.classes)
+        write_class_index(d / CLASS_INDEX, good.classes)
         write_skipped(d / SKIPPED_FILES, folder.bad)
 
     res = fit(task, data, run, device=device, console=console,

@@ -30,14 +30,15 @@ import torch.nn as nn
 from fvar_core.checks import check_labels, check_tokenizer_fits
 from fvar_core.config import Preset
 from fvar_core.errors import UserError
-from fvar_core.checkpoints import CONFIG_NAME, WEIGHTS_NAME, load_checkpoint, load_strict, save_checkpoint
+from fvar_core.checkpoints import CONFIG_NAME, WEIGHTS_NAME, card_for, load_checkpoint, load_strict, save_checkpoint
+from fvar_core.modelcard import CARD_NAME
 from fvar_core.data.folders import check_folder, write_class_index, write_skipped
 from fvar_core.data.images import save_png
 from fvar_core.hashing import file_sha256, tensors_sha256
 from fvar_core.models.loading import build_tokenizer
 from fvar_core.models.teacher import Teacher
 from fvar_core.models.transformer import VAR
-from fvar_core.runs import SKIPPED_FILES, check_run_dir, data_identity, resolve_checkpoint
+from fvar_core.runs import CLASS_INDEX, SKIPPED_FILES, check_run_dir, data_identity, resolve_checkpoint
 from fvar_core.sample.sampler import sample
 from fvar_core.train.distill import distill_loss
 from fvar_core.train.loop import fit
@@ -298,6 +299,7 @@ def install_tokenizer(run_dir: Path, tokenizer_ckpt: Path) -> Path:
     tmp.mkdir(parents=True)
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         _link_or_copy(tokenizer_ckpt / name, tmp / name)
+    (tmp / CARD_NAME).write_text(card_for(tokenizer_ckpt), encoding="utf-8")
     os.replace(tmp, dst)
     return dst
 
@@ -364,7 +366,7 @@ def train_transformer(preset: Preset, run_dir: Union[str, Path], *, distill: boo
 
     def prepare(d: Path) -> None:
         install_tokenizer(d, tok_ck.path)
-        write_class_index(d / "classes.json", classes)
+        write_class_index(d / CLASS_INDEX, classes)
         write_skipped(d / SKIPPED_FILES, bad)
 
     n = min(len(classes), 8)
