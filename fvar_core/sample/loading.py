@@ -19,6 +19,7 @@ from fvar_core.devices import pick_device
 from fvar_core.hashing import file_sha256
 from fvar_core.models.loading import build_tokenizer, build_var
 from fvar_core.errors import UserError
+from fvar_core.models.hub import resolve_source
 from fvar_core.models.official import OFFICIAL_SUFFIXES, load_official
 from fvar_core.runs import CLASS_INDEX, find_tokenizer, resolve_checkpoint
 
@@ -99,6 +100,7 @@ def open_models(source: PathLike, tokenizer: Optional[PathLike] = None, device=N
     """Whatever names a generator → the model pair: an official `.pth` transformer (then `tokenizer`
     is the official VQ-VAE file; `preset`/`overrides` pick its architecture) or an fvar run /
     checkpoint (`load_models`; it carries its preset, so preset/overrides are refused)."""
+    source, tokenizer = resolve_source(source, tokenizer)  # Hub names and hf:// URIs → local files
     src = Path(source)
     if src.suffix in OFFICIAL_SUFFIXES:
         if tokenizer is None:
