@@ -42,6 +42,10 @@ def _device(ctx: typer.Context, param: typer.CallbackParam, value: Optional[str]
     return str(pick_device(value))  # a device that is not there: one line, exit 2, before any work
 
 
+LogWithOption = typer.Option(
+    None, "--log-with", help="Experiment tracker: tensorboard (events in RUN/tensorboard), wandb or all; "
+                             "metrics.jsonl is written either way.")
+
 DeviceOption = typer.Option(
     "auto", "--device", callback=_device,
     help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps; several GPUs: `accelerate launch`.")

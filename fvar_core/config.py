@@ -164,6 +164,8 @@ class LoopConfig(_Strict):
     ckpt_every: int = Field(5000, ge=1)
     keep_last: int = Field(3, ge=1)
     sample_every: int = Field(5000, ge=0, description="0 = no sample grids")
+    log_with: Optional[Literal["tensorboard", "wandb", "all"]] = Field(
+        None, description="experiment trackers fed with metrics.jsonl's numbers and the sample grids")
 
     @field_validator("betas")
     @classmethod

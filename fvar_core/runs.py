@@ -150,7 +150,7 @@ RUN_FILES = (LOG, METRICS, CHECKPOINTS, "samples", CLASS_INDEX, TOKENIZER_DIR, "
 # Fields that may change between a run and its resume: how long it runs and how it reports.
 # Anything else (architecture, lr, data processing, seed, ...) makes the run directory another run's.
 RESUMABLE_CHANGES = ("steps", "log_every", "ckpt_every", "keep_last", "sample_every", "num_workers",
-                     "description")
+                     "description", "log_with")
 
 
 def step_name(step: int) -> str:

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from fvar_core.config import ModelConfig, SampleConfig, TokenizerConfig
 from fvar_core.errors import UserError
-from fvar_core.sample.sampler import (candidates, guidance_weight, guide, inverse_cdf, pick_tokens, sample, sample_batch)
+from fvar_core.sample.sampler import (candidates, guidance_weight, guide, inverse_cdf, official_filter_, pick_tokens,
+                                      sample, sample_batch)
 from fvar_core.models.tokenizer import Tokenizer
 from fvar_core.models.transformer import VAR
 from tests.test_tokenizer_compat import keyed_init_
@@ -255,17 +256,9 @@ def test_guidance_off_in_either_mode_gives_the_same_samples(tiny):
 
 
 def _official_filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """VAR's sample_with_top_k_top_p_ filtering (helpers.py:6-19), transcribed as a reference."""
-    logits = logits.clone()
-    if top_k > 0:
-        remove = logits < logits.topk(top_k, largest=True, sorted=False, dim=-1)[0].amin(dim=-1, keepdim=True)
-        logits.masked_fill_(remove, -torch.inf)
-    if top_p > 0:
-        sorted_logits, sorted_idx = logits.sort(dim=-1, descending=False)
-        sorted_remove = sorted_logits.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
-        sorted_remove[..., -1:] = False
-        logits.masked_fill_(sorted_remove.scatter(sorted_idx.ndim - 1, sorted_idx, sorted_remove), -torch.inf)
-    return logits
+    """VAR's sample_with_top_k_top_p_ filtering (helpers.py:6-19): the op-for-op transcription that
+    rng="official" uses, on a copy — the reference `candidates` must agree with."""
+    return official_filter_(logits.clone(), top_k, top_p)
 
 
 @pytest.mark.parametrize("top_k, top_p", [(0, 0.5), (0, 0.96), (5, 0.0), (40, 0.9), (1, 0.0), (200, 0.3)])

@@ -6,7 +6,8 @@ from typing import List, Optional
 
 import typer
 
-from ..options import AllowDataChangeOption, DeviceOption, PresetOption, SetOption, resolve, writable_folder
+from ..options import (AllowDataChangeOption, DeviceOption, LogWithOption, PresetOption, SetOption, resolve,
+                       writable_folder)
 
 TokensOption = typer.Option(None, "--tokens", help="Token shards from `fvar tokenize` (no VAE in the step).")
 DataOption = typer.Option(None, "--data", "-d", help="Image folder, encoded on the fly (needs --tokenizer).")
@@ -21,12 +22,13 @@ WorkersOption = typer.Option(None, "--workers", min=0, help="Data-loading proces
 
 
 def _run(mode: str, preset: str, overrides, tokens, data, tokenizer, out, steps, batch, device, workers,
-         allow_data_change: bool, save_teacher: bool = False) -> None:
+         allow_data_change: bool, log_with: Optional[str], save_teacher: bool = False) -> None:
     from fvar_core.runs import default_run_dir
     from fvar_core.train.transformer import train_transformer
 
     extra = ([f"train.steps={steps}"] if steps is not None else []) + \
-            ([f"train.batch_size={batch}"] if batch is not None else [])
+            ([f"train.batch_size={batch}"] if batch is not None else []) + \
+            ([f"train.log_with={log_with}"] if log_with is not None else [])
     cfg = resolve(preset, overrides, *extra)
     run_dir = out if out is not None else default_run_dir(cfg.name, mode)
     typer.echo(f"run directory: {run_dir}")
@@ -49,10 +51,12 @@ def train(
     device: str = DeviceOption,
     workers: Optional[int] = WorkersOption,
     allow_data_change: bool = AllowDataChangeOption,
+    log_with: Optional[str] = LogWithOption,
     overrides: Optional[List[str]] = SetOption,
 ) -> None:
     """Train the VAR student alone (plain VAR with pyramid.kernel=area, or FVAR 'w/o teacher'); resumes."""
-    _run("train", preset, overrides, tokens, data, tokenizer, out, steps, batch, device, workers, allow_data_change)
+    _run("train", preset, overrides, tokens, data, tokenizer, out, steps, batch, device, workers, allow_data_change,
+         log_with)
 
 
 def distill(
@@ -67,8 +71,9 @@ def distill(
     workers: Optional[int] = WorkersOption,
     save_teacher: bool = typer.Option(False, "--save-teacher", help="Also write the teacher to <run>/teacher."),
     allow_data_change: bool = AllowDataChangeOption,
+    log_with: Optional[str] = LogWithOption,
     overrides: Optional[List[str]] = SetOption,
 ) -> None:
     """Train teacher (reads alias tokens) and student online; checkpoints hold the student (vanilla VAR)."""
     _run("distill", preset, overrides, tokens, data, tokenizer, out, steps, batch, device, workers, allow_data_change,
-         save_teacher)
+         log_with, save_teacher)

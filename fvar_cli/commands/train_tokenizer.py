@@ -6,7 +6,8 @@ from typing import List, Optional
 
 import typer
 
-from ..options import AllowDataChangeOption, DeviceOption, PresetOption, SetOption, resolve, writable_folder
+from ..options import (AllowDataChangeOption, DeviceOption, LogWithOption, PresetOption, SetOption, resolve,
+                       writable_folder)
 
 
 def train_tokenizer(
@@ -25,6 +26,7 @@ def train_tokenizer(
         None, "--disc-weights", help="Start the discriminator from this file (a run's discriminator.safetensors); "
                                      "implies --disc."),
     device: str = DeviceOption,
+    log_with: Optional[str] = LogWithOption,
     allow_data_change: bool = AllowDataChangeOption,
     overrides: Optional[List[str]] = SetOption,
 ) -> None:
@@ -32,7 +34,8 @@ def train_tokenizer(
     from fvar_core.train.tokenizer import train_tokenizer as run_training
 
     extra = ([f"tokenizer_train.steps={steps}"] if steps is not None else []) + \
-            ([f"tokenizer_train.batch_size={batch}"] if batch is not None else [])
+            ([f"tokenizer_train.batch_size={batch}"] if batch is not None else []) + \
+            ([f"tokenizer_train.log_with={log_with}"] if log_with is not None else [])
     cfg = resolve(preset, overrides, *extra)
     typer.echo(f"run directory: {out}")
     res = run_training(cfg, data, out, init_from=init_from, perceptual_weights=perceptual_weights, disc=disc,

@@ -31,7 +31,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Protocol, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Protocol, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -46,6 +46,7 @@ from fvar_core.errors import UserError
 from fvar_core.hashing import tensors_sha256
 from fvar_core.interrupt import mark_interrupt
 from fvar_core.runlock import RunLock
+from fvar_core.train.tracking import Tracking, tracker_names
 from fvar_core.runs import (BEST, CHECKPOINTS, CLASS_INDEX, CONFIG_YAML, LATEST, METRICS, CheckedRunDir, RunLog, append_line,
                    check_data_identity, check_run_dir, complete_checkpoints, set_aside, step_name,
                    truncate_metrics, usable_checkpoint)
@@ -256,11 +257,14 @@ def fit(task: Task, data: Any, run_dir: Union[str, Path, CheckedRunDir], *, devi
     checkpoint; resuming on other data is refused unless allow_data_change (then logged).
     """
     preset, cfg = task.preset, task.loop_config
-    acc, autocast, precision = _accelerator(cfg, device)
     run = run_dir if isinstance(run_dir, CheckedRunDir) else check_run_dir(run_dir, preset)
+    trackers = tracker_names(cfg.log_with)  # a missing tracker package: one line, before any work
+    acc, autocast, precision = _accelerator(cfg, device, trackers, run.path)
     lock = _lock_run_dir(acc, run.path)
+    tracking = Tracking(acc, trackers)
     try:
         log, chosen = _open_run(acc, run.path, preset, console, prepare, data_identity, allow_data_change)
+        tracking.start(run.path, preset)
         seed_everything(cfg.seed)  # before build: a fresh run's initialisation is reproducible
         model = task.build().to(acc.device)
         opt = build_optimizer(task, model, cfg, acc.device)
@@ -273,7 +277,7 @@ def fit(task: Task, data: Any, run_dir: Union[str, Path, CheckedRunDir], *, devi
         loader = _loader(data, cfg, resumed.position, acc, workers)
         _log_start(log, task, run.path, cfg, acc, precision, resumed)
         saver = _Saver(task, opt, acc, run.path, cfg, provenance, data_identity, resumed, enabled=checkpoints)
-        metrics = _train(task, model, opt, loader, cfg, acc, autocast, resumed.step, log, saver, run.path)
+        metrics = _train(task, model, opt, loader, cfg, acc, autocast, resumed.step, log, saver, run.path, tracking)
         _check_replicas(acc, task, log)
         if resumed.from_step is not None and resumed.from_step >= cfg.steps:
             log.info(f"{run.path} already has {resumed.from_step} of {cfg.steps} steps; nothing to do")
@@ -282,11 +286,13 @@ def fit(task: Task, data: Any, run_dir: Union[str, Path, CheckedRunDir], *, devi
         return FitResult(run_dir=run.path, step=max(resumed.step, cfg.steps), resumed_from=resumed.from_step,
                          checkpoint=saver.last, metrics=metrics, main_process=acc.is_main_process)
     finally:
+        tracking.finish()
         if lock is not None:
             lock.release()
 
 
-def _accelerator(cfg: LoopConfig, device: Optional[str]) -> Tuple[Any, Callable[[], Any], str]:
+def _accelerator(cfg: LoopConfig, device: Optional[str], trackers: Sequence[str] = (),
+                 project_dir: Optional[Path] = None) -> Tuple[Any, Callable[[], Any], str]:
     """The Accelerator for `device` (`devices.pick_device`: CUDA, MPS or CPU), the autocast context
     of a micro-step, and the precision in words. bf16/fp16 through accelerate on CUDA; fp32
     elsewhere unless cfg.cpu_bf16."""
@@ -296,7 +302,8 @@ def _accelerator(cfg: LoopConfig, device: Optional[str]) -> Tuple[Any, Callable[
     dev = pick_device(device or "auto")
     use_cuda = dev.type == "cuda"
     mp = {"bf16": "bf16", "fp16": "fp16"}.get(cfg.precision, "no") if use_cuda else "no"
-    acc = Accelerator(cpu=dev.type == "cpu", mixed_precision=mp)
+    acc = Accelerator(cpu=dev.type == "cpu", mixed_precision=mp, log_with=list(trackers) or None,
+                      project_dir=str(project_dir) if trackers else None)
     if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
         # Checkpoints, the "ranks agree" check and sample grids read full state dicts on one rank:
         # right for replicated (DDP) weights, wrong for sharded ones. Refuse rather than save shards.
@@ -478,7 +485,8 @@ class _Saver:
 
 
 def _train(task: Task, model: nn.Module, opt: torch.optim.Optimizer, loader: Any, cfg: LoopConfig, acc: Any,
-           autocast: Callable[[], Any], start: int, log: RunLog, saver: _Saver, run_dir: Path) -> Dict[str, Any]:
+           autocast: Callable[[], Any], start: int, log: RunLog, saver: _Saver, run_dir: Path,
+           tracking: Tracking) -> Dict[str, Any]:
     """The loop, in nanoGPT's order: lr, micro-steps, clip, step, log, sample, save. Returns the
     last metrics line."""
     main = acc.is_main_process
@@ -520,12 +528,14 @@ def _train(task: Task, model: nn.Module, opt: torch.optim.Optimizer, loader: Any
                 last = window.line(done, lr, cfg, task)
                 if main:
                     _report(log, last, cfg, window, progress is None)
+                    tracking.log(last)
                 window.reset()
             if progress is not None:
                 progress.update(done, last)
             if cfg.sample_every and done % cfg.sample_every == 0 and main and hasattr(task, "on_sample"):
                 model.eval()
                 task.on_sample(run_dir, done)
+                tracking.image(run_dir / "samples" / f"step-{done:07d}.png", done)
                 model.train()
             if saver.due(done):
                 saver.save(done, last)
