@@ -16,10 +16,10 @@ from fvar_core.checks import check_tokenizer_fits
 from fvar_core.checkpoints import WEIGHTS_NAME, Checkpoint, load_checkpoint
 from fvar_core.data.folders import read_class_index
 from fvar_core.devices import pick_device
-from fvar_core.hashing import file_sha256
-from fvar_core.models.loading import build_tokenizer, build_var
 from fvar_core.errors import UserError
+from fvar_core.hashing import file_sha256
 from fvar_core.models.hub import resolve_source
+from fvar_core.models.loading import build_tokenizer, build_var
 from fvar_core.models.official import OFFICIAL_SUFFIXES, load_official
 from fvar_core.runs import CLASS_INDEX, find_tokenizer, resolve_checkpoint
 

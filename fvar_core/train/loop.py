@@ -45,12 +45,12 @@ from fvar_core.devices import pick_device
 from fvar_core.errors import UserError
 from fvar_core.hashing import tensors_sha256
 from fvar_core.interrupt import mark_interrupt
-from fvar_core.runlock import RunLock
-from fvar_core.train.tracking import Tracking, tracker_names
-from fvar_core.runs import (BEST, CHECKPOINTS, CLASS_INDEX, CONFIG_YAML, LATEST, METRICS, CheckedRunDir, RunLog, append_line,
-                   check_data_identity, check_run_dir, complete_checkpoints, set_aside, step_name,
-                   truncate_metrics, usable_checkpoint)
 from fvar_core.presets import preset_to_yaml
+from fvar_core.runlock import RunLock
+from fvar_core.runs import (BEST, CHECKPOINTS, CLASS_INDEX, CONFIG_YAML, LATEST, METRICS, CheckedRunDir, RunLog,
+                            append_line, check_data_identity, check_run_dir, complete_checkpoints, set_aside,
+                            step_name, truncate_metrics, usable_checkpoint)
+from fvar_core.train.tracking import Tracking, tracker_names
 
 STATE_VERSION = 1
 
