@@ -258,7 +258,7 @@ def test_cli_tokenize_writes_shards_reports_throughput_and_skips(tmp_path, folde
     add_bad_files(folder / "gradient")
     app = _app()
     argv = ["tokenize", "--tokenizer", str(tmp_path / "tok"), "--data", str(folder), "--out", str(tmp_path / "s"),
-            "--batch", "4", "--shard-size", "5", "--device", "cpu", "--flip"]
+            "--batch", "4", "--shard-size", "5", "--device", "cpu", "--flip", "--encode-chunk", "3"]
     code = run(app, argv)
     out, err = capsys.readouterr()
     assert code == 0, err
@@ -284,6 +284,10 @@ def test_cli_tokenize_errors_are_one_line(tmp_path, folder, capsys):
                      "--out", str(tmp_path / "s"), "--device", "cpu"])
     err = capsys.readouterr().err
     assert code == 2 and "is empty" in err and err.count("\n") == 1
+    code = run(app, ["tokenize", "--tokenizer", str(tmp_path / "tok"), "--data", str(folder),
+                     "--out", str(tmp_path / "s"), "--encode-chunk", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--encode-chunk" in err and err.count("\n") == 1 and not (tmp_path / "s").exists()
 
 
 def test_tokenize_is_declared_as_an_fvar_command():

@@ -416,3 +416,24 @@ def test_disk_pyramid_batches_the_blurred_scales_and_codes_alias(space):
         assert calls == [img.shape[0]]
     assert [tuple(a.shape) for a in out.alias] == [(2, p * p) for p in PATCH_TINY]
     assert all(0 <= int(a.min()) and int(a.max()) < 64 for a in out.alias)
+
+
+def test_chunked_focus_encodes_give_the_unchunked_tokens_and_latents():
+    """Without autograd the encoder runs in chunks of `encode_chunk` rows (a memory budget): every
+    row's latent, and so every token, is the one the single batched call gives."""
+    from fvar_core.config import PyramidConfig
+    from fvar_core.models.tokenizer import encode_rows_budget
+
+    tok = keyed_init_(Tokenizer(TokenizerConfig(ch=32, vocab_size=4096, alias_vocab_size=64), PATCH_256), seed=0)
+    torch.manual_seed(0)
+    img = torch.rand(2, 3, 256, 256) * 2 - 1
+    pyr = PyramidConfig(kernel="disk", rho_max=12.0, noise=False)
+    tok.encode_chunk = 1 << 30
+    whole = tok.encode_with_pyramid(img, pyr, 256)
+    f_whole = tok.encode_latent(torch.cat([img, img.flip(-1)]))
+    tok.encode_chunk = 3  # 2 images × 10 distinct views = 20 rows → 7 calls
+    chunked = tok.encode_with_pyramid(img, pyr, 256)
+    assert all(torch.equal(a, b) for a, b in zip(whole.structure, chunked.structure))
+    assert all(torch.equal(a, b) for a, b in zip(whole.alias, chunked.alias))
+    assert torch.equal(tok.encode_latent(torch.cat([img, img.flip(-1)])), f_whole)
+    assert encode_rows_budget(160, 256, torch.device("cpu")) >= 1

@@ -17,6 +17,9 @@ def tokenize(
     flip: bool = typer.Option(False, "--flip", help="Also store each image's horizontal mirror (2 items per image)."),
     batch: int = typer.Option(64, "--batch", "-b", min=1, help="Images per encoder batch."),
     shard_size: int = typer.Option(10000, "--shard-size", min=1, help="Source images per shard."),
+    encode_chunk: Optional[int] = typer.Option(
+        None, "--encode-chunk", min=1, help="Encoder rows per call (images × distinct focus views; default: what half "
+                                            "the device's free memory holds). Tokens do not depend on it."),
     device: str = DeviceOption,
     workers: Optional[int] = typer.Option(None, "--workers", min=0,
                                           help="Image-decoding processes (default: the preset's data.num_workers)."),
@@ -76,7 +79,8 @@ def tokenize(
     try:
         run = tokenize_folder(tokenizer, data, out, overrides=overrides or [], per_class=per_class, flip=flip,
                               batch_size=batch, shard_size=shard_size, device=device, workers=workers,
-                              full_check=full_check, check_progress=checking, progress=progress, on_checked=checked)
+                              full_check=full_check, check_progress=checking, progress=progress, on_checked=checked,
+                              encode_chunk=encode_chunk)
     finally:  # a bar never started must not be stopped: stop() prints a line
         if "check" in tasks:
             check_bar.stop()

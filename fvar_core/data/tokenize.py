@@ -46,16 +46,18 @@ def tokenize_folder(tokenizer: PathLike, data: PathLike, out: PathLike, *, overr
                     shard_size: int = 10000, device: str = "auto", workers: Optional[int] = None,
                     full_check: bool = False, check_progress: Optional[Progress] = None,
                     progress: Optional[Progress] = None,
-                    on_checked: Optional[Callable[[FolderIndex, List[Tuple[Path, str]], str], None]] = None
-                    ) -> TokenizeRun:
+                    on_checked: Optional[Callable[[FolderIndex, List[Tuple[Path, str]], str], None]] = None,
+                    encode_chunk: Optional[int] = None) -> TokenizeRun:
     """See the module docstring. `on_checked(index, bad, description)` runs once the folder is
-    checked, before the (long) encode."""
+    checked, before the (long) encode. encode_chunk: encoder rows per call (None: from the
+    device's free memory, `models.tokenizer.encode_rows_budget`); the tokens do not depend on it."""
     dev = pick_device(device)
     ckpt = load_checkpoint(resolve_checkpoint(tokenizer, "--tokenizer"), expect_kind="tokenizer")
     preset = override_preset(ckpt.preset, list(overrides), f"tokenizer {ckpt.path}'s preset")
     check_tokenizer_fits(preset, ckpt.preset, f"tokenizer {ckpt.path}",
                          hint="--set may change the pyramid, not the tokenizer's architecture")
     tok = build_tokenizer(ckpt)
+    tok.encode_chunk = encode_chunk
     folder = check_folder(data, per_class=per_class, decode=full_check, progress=check_progress)
     good, bad = folder.good, folder.bad
     if on_checked is not None:

@@ -11,6 +11,7 @@ With `kernel: area` and no alias codebook this is VAR's VQ-VAE bit for bit; its 
 """
 from __future__ import annotations
 
+import os
 from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
@@ -26,6 +27,20 @@ from fvar_core.models.vqvae import Decoder, Encoder
 # Keys of our tokenizer that the official VQVAE does not have.
 EXTENSION_KEYS = ("quantize." + ALIAS_EMBEDDING_KEY,)
 EMA_KEY = "quantize.ema_vocab_hit_SV"
+
+
+def encode_rows_budget(ch: int, resolution: int, device: torch.device, share: float = 0.5) -> int:
+    """Encoder rows per call that fit in `share` of the device's free memory (CUDA: mem_get_info;
+    CPU: available RAM), at ~8 live float32 tensors of the first level's size per row (no grad)."""
+    per_row = 8 * 4 * ch * resolution * resolution
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):  # not a POSIX system: no chunking
+            return 1 << 30
+    return max(1, int(share * free) // per_row)
 
 
 class Tokenizer(nn.Module):
@@ -45,6 +60,7 @@ class Tokenizer(nn.Module):
         Cz = cfg.z_channels
         self.quant_conv = nn.Conv2d(Cz, Cz, kernel_size=3, stride=1, padding=1)
         self.post_quant_conv = nn.Conv2d(Cz, Cz, kernel_size=3, stride=1, padding=1)
+        self.encode_chunk: Optional[int] = None  # rows per encoder call without grad; None = from free memory
 
     @property
     def resolution(self) -> int:
@@ -59,8 +75,17 @@ class Tokenizer(nn.Module):
 
     # ------------------------------------------------------------------------------- VAR's API
     def encode_latent(self, img: torch.Tensor) -> torch.Tensor:
-        """img (B, 3, H, W) in [-1, 1] → f = quant_conv(encoder(img)) (B, Cz, H/16, W/16)."""
-        return self.quant_conv(self.encoder(img))
+        """img (B, 3, H, W) in [-1, 1] → f = quant_conv(encoder(img)) (B, Cz, H/16, W/16).
+
+        Without autograd the rows go through the encoder in chunks of `encode_chunk` (None: as many
+        as `encode_rows_budget` allows), so a batched focus encode (B × distinct views rows; 42 MB of
+        first-level activation per 256 px row at ch 160) fits its device. Each row's latent is the
+        same whatever the chunk (tests/test_tokenizer_compat.py)."""
+        rows = img.shape[0]
+        chunk = self.encode_chunk or encode_rows_budget(self.cfg.ch, img.shape[-1], img.device)
+        if torch.is_grad_enabled() or rows <= chunk:
+            return self.quant_conv(self.encoder(img))
+        return torch.cat([self.quant_conv(self.encoder(part)) for part in img.split(chunk)])
 
     @torch.no_grad()
     def img_to_idx(self, img: torch.Tensor) -> List[torch.Tensor]:
