@@ -288,6 +288,10 @@ def test_cli_tokenize_errors_are_one_line(tmp_path, folder, capsys):
                      "--out", str(tmp_path / "s"), "--encode-chunk", "0"])
     err = capsys.readouterr().err
     assert code == 2 and "--encode-chunk" in err and err.count("\n") == 1 and not (tmp_path / "s").exists()
+    code = run(app, ["tokenize", "--tokenizer", str(tmp_path / "tok"), "--data", str(folder),
+                     "--out", str(tmp_path / "s"), "--encode-precision", "fp16"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--encode-precision 'fp16'" in err and err.count("\n") == 1 and not (tmp_path / "s").exists()
 
 
 def test_tokenize_is_declared_as_an_fvar_command():

@@ -17,6 +17,9 @@ def tokenize(
     flip: bool = typer.Option(False, "--flip", help="Also store each image's horizontal mirror (2 items per image)."),
     batch: int = typer.Option(64, "--batch", "-b", min=1, help="Images per encoder batch."),
     shard_size: int = typer.Option(10000, "--shard-size", min=1, help="Source images per shard."),
+    encode_precision: str = typer.Option(
+        "fp32", "--encode-precision", help="fp32 (default: the tokens exactly), bf16 or tf32 (CUDA): faster "
+                                           "encodes whose tokens move across near ties."),
     encode_chunk: Optional[int] = typer.Option(
         None, "--encode-chunk", min=1, help="Encoder rows per call (images × distinct focus views; default: what half "
                                             "the device's free memory holds). Tokens do not depend on it."),
@@ -80,7 +83,7 @@ def tokenize(
         run = tokenize_folder(tokenizer, data, out, overrides=overrides or [], per_class=per_class, flip=flip,
                               batch_size=batch, shard_size=shard_size, device=device, workers=workers,
                               full_check=full_check, check_progress=checking, progress=progress, on_checked=checked,
-                              encode_chunk=encode_chunk)
+                              encode_chunk=encode_chunk, encode_precision=encode_precision)
     finally:  # a bar never started must not be stopped: stop() prints a line
         if "check" in tasks:
             check_bar.stop()

@@ -14,16 +14,17 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 from fvar_core.atomic import check_writable, ensure_dir
 from fvar_core.checkpoints import load_checkpoint
-from fvar_core.models.loading import build_tokenizer
-from fvar_core.data.folders import check_folder, FolderIndex, write_skipped
-from fvar_core.runs import SKIPPED_FILES
+from fvar_core.checks import check_tokenizer_fits
+from fvar_core.data.folders import FolderIndex, check_folder, write_skipped
+from fvar_core.data.shards import MANIFEST, TokenizeStats, tokenize_dataset
 from fvar_core.devices import pick_device
+from fvar_core.errors import UserError
 from fvar_core.interrupt import on_interrupt
+from fvar_core.models.loading import build_tokenizer
+from fvar_core.models.tokenizer import ENCODE_PRECISIONS
 from fvar_core.presets import override_preset
 from fvar_core.runlock import RunLock
-from fvar_core.runs import resolve_checkpoint
-from fvar_core.data.shards import MANIFEST, TokenizeStats, tokenize_dataset
-from fvar_core.checks import check_tokenizer_fits
+from fvar_core.runs import SKIPPED_FILES, resolve_checkpoint
 
 PathLike = Union[str, Path]
 Progress = Callable[[int, int], None]
@@ -47,17 +48,20 @@ def tokenize_folder(tokenizer: PathLike, data: PathLike, out: PathLike, *, overr
                     full_check: bool = False, check_progress: Optional[Progress] = None,
                     progress: Optional[Progress] = None,
                     on_checked: Optional[Callable[[FolderIndex, List[Tuple[Path, str]], str], None]] = None,
-                    encode_chunk: Optional[int] = None) -> TokenizeRun:
+                    encode_chunk: Optional[int] = None, encode_precision: str = "fp32") -> TokenizeRun:
     """See the module docstring. `on_checked(index, bad, description)` runs once the folder is
     checked, before the (long) encode. encode_chunk: encoder rows per call (None: from the
-    device's free memory, `models.tokenizer.encode_rows_budget`); the tokens do not depend on it."""
+    device's free memory, `models.tokenizer.encode_rows_budget`); the tokens do not depend on it.
+    encode_precision: fp32 (default: exact), bf16 or tf32 (faster; tokens move, RESULTS.md)."""
+    if encode_precision not in ENCODE_PRECISIONS:  # before anything is read or written
+        raise UserError(f"--encode-precision {encode_precision!r}: choose {', '.join(ENCODE_PRECISIONS)}")
     dev = pick_device(device)
     ckpt = load_checkpoint(resolve_checkpoint(tokenizer, "--tokenizer"), expect_kind="tokenizer")
     preset = override_preset(ckpt.preset, list(overrides), f"tokenizer {ckpt.path}'s preset")
     check_tokenizer_fits(preset, ckpt.preset, f"tokenizer {ckpt.path}",
                          hint="--set may change the pyramid, not the tokenizer's architecture")
     tok = build_tokenizer(ckpt)
-    tok.encode_chunk = encode_chunk
+    tok.encode_chunk, tok.encode_precision = encode_chunk, encode_precision
     folder = check_folder(data, per_class=per_class, decode=full_check, progress=check_progress)
     good, bad = folder.good, folder.bad
     if on_checked is not None:

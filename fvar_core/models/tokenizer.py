@@ -11,6 +11,7 @@ With `kernel: area` and no alias codebook this is VAR's VQ-VAE bit for bit; its 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Dict, List, Mapping, Optional, Sequence
 
@@ -27,6 +28,29 @@ from fvar_core.models.vqvae import Decoder, Encoder
 # Keys of our tokenizer that the official VQVAE does not have.
 EXTENSION_KEYS = ("quantize." + ALIAS_EMBEDDING_KEY,)
 EMA_KEY = "quantize.ema_vocab_hit_SV"
+
+
+ENCODE_PRECISIONS = ("fp32", "bf16", "tf32")
+
+
+@contextlib.contextmanager
+def encode_precision(precision: str, device: torch.device):
+    """The numerics of a no-grad encode: fp32 as is; bf16 autocast on the device; TF32 for CUDA
+    matmuls and convolutions (restored afterwards; on the CPU TF32 does not exist: fp32)."""
+    if precision not in ENCODE_PRECISIONS:
+        raise UserError(f"encode precision {precision!r}: choose {', '.join(ENCODE_PRECISIONS)}")
+    if precision == "bf16":
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            yield
+    elif precision == "tf32" and device.type == "cuda":
+        old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+    else:
+        yield
 
 
 def encode_rows_budget(ch: int, resolution: int, device: torch.device, share: float = 0.5) -> int:
@@ -61,6 +85,7 @@ class Tokenizer(nn.Module):
         self.quant_conv = nn.Conv2d(Cz, Cz, kernel_size=3, stride=1, padding=1)
         self.post_quant_conv = nn.Conv2d(Cz, Cz, kernel_size=3, stride=1, padding=1)
         self.encode_chunk: Optional[int] = None  # rows per encoder call without grad; None = from free memory
+        self.encode_precision = "fp32"            # of no-grad encodes (tokenizing): fp32, bf16 or tf32
 
     @property
     def resolution(self) -> int:
@@ -80,12 +105,15 @@ class Tokenizer(nn.Module):
         Without autograd the rows go through the encoder in chunks of `encode_chunk` (None: as many
         as `encode_rows_budget` allows), so a batched focus encode (B × distinct views rows; 42 MB of
         first-level activation per 256 px row at ch 160) fits its device. Each row's latent is the
-        same whatever the chunk (tests/test_tokenizer_compat.py)."""
-        rows = img.shape[0]
-        chunk = self.encode_chunk or encode_rows_budget(self.cfg.ch, img.shape[-1], img.device)
-        if torch.is_grad_enabled() or rows <= chunk:
+        same whatever the chunk (tests/test_tokenizer_compat.py). `encode_precision` ('fp32', the
+        default: the official tokens exactly; 'bf16' autocast; 'tf32' matmuls/convs on CUDA) applies
+        to these no-grad encodes only; the latent is returned in float32 either way."""
+        if torch.is_grad_enabled():
             return self.quant_conv(self.encoder(img))
-        return torch.cat([self.quant_conv(self.encoder(part)) for part in img.split(chunk)])
+        chunk = self.encode_chunk or encode_rows_budget(self.cfg.ch, img.shape[-1], img.device)
+        with encode_precision(self.encode_precision, img.device):
+            parts = [self.quant_conv(self.encoder(part)).float() for part in img.split(chunk)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     @torch.no_grad()
     def img_to_idx(self, img: torch.Tensor) -> List[torch.Tensor]:
