@@ -150,7 +150,8 @@ def test_training_from_images_encodes_on_the_fly(tokens, cli, tmp_path):
     r = cli("distill", "--preset", "tiny-64", "--data", str(data), "--tokenizer", str(tok_dir), "--out", str(run),
             "--steps", "4", *_sets(*FAST, "train.batch_size=4", "train.ckpt_every=4"))
     assert r.code == 0, r.err
-    assert "encoded on the fly" in (run / "log.txt").read_text()
+    log = (run / "log.txt").read_text()
+    assert "encoded on the fly" in log and "`fvar tokenize` once" in log
     assert [s for s, _ in complete_checkpoints(run)] == [4]
 
 

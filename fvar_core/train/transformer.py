@@ -199,6 +199,10 @@ class VARTask:
                          f"(T={t.kd_temperature}), teacher CE {'on' if t.teacher_ce else 'off'}")
         lines.append(f"tokens: {'token shards' if self.source == 'tokens' else 'encoded on the fly from images'}"
                      + (f", focus pyramid {p.pyramid.kernel}" if self.source == "images" else ""))
+        if self.source == "images":  # the encoder's cost, said where the choice is made
+            lines.append("note: every step runs the tokenizer's focus encodes (at 256 px about twice the FLOPs of a "
+                         "d16 training step, fp32, no grad, chunked to memory); `fvar tokenize` once and "
+                         "`--tokens` trains without them")
         extras = [x for x, on in (("activation checkpointing", c.activation_checkpointing),
                                   ("torch.compile", c.compile)) if on]
         if extras:
