@@ -95,21 +95,20 @@ class Pipeline:
         seed seed + i. settings: any `SampleConfig` field (cfg, top_k, top_p, more_smooth, rng, …),
         default the checkpoint's preset. output 'pil' (list of PIL images) or 'tensor' ((N, 3, H, W)
         in [0, 1]; the per-scale tokens are `sample_tokens`)."""
-        labels = [int(c) for c in ([classes] if isinstance(classes, int) else classes) for _ in range(n)]
-        if not labels:
-            raise UserError("no class given")
-        check_labels(labels, self.num_classes, "classes", allow_null=True)
-        res = self._sample(labels, seed, batch_size, settings)
-        return self._output(res.images, output)
+        return self._output(self._sample(classes, n, seed, batch_size, settings).images, output)
 
     def sample_tokens(self, classes: Union[int, Sequence[int]], *, n: int = 1, seed: int = 0,
                       batch_size: Optional[int] = None, **settings: Any) -> List[torch.Tensor]:
         """The per-scale tokens `sample` would draw: K tensors (N, pn_k²) long."""
-        labels = [int(c) for c in ([classes] if isinstance(classes, int) else classes) for _ in range(n)]
-        check_labels(labels, self.num_classes, "classes", allow_null=True)
-        return self._sample(labels, seed, batch_size, settings, decode=False).tokens
+        return self._sample(classes, n, seed, batch_size, settings, decode=False).tokens
 
-    def _sample(self, labels: List[int], seed: int, batch_size: Optional[int], settings: dict, decode: bool = True):
+    def _sample(self, classes: Union[int, Sequence[int]], n: int, seed: int, batch_size: Optional[int],
+                settings: dict, decode: bool = True):
+        """n images of each class, image i with seed seed + i (the `fvar sample` rule)."""
+        labels = [int(c) for c in ([classes] if isinstance(classes, int) else classes) for _ in range(n)]
+        if not labels:
+            raise UserError("no class given")
+        check_labels(labels, self.num_classes, "classes", allow_null=True)
         cfg = settings_from(self.preset.sample, **settings)
         m = self.models
         return sample(m.var, m.tokenizer, labels, [seed + i for i in range(len(labels))], cfg,

@@ -290,6 +290,11 @@ def article(kind: str) -> str:
     return "an" if kind[0] in "aeiou" else "a"
 
 
+def _preset_of(d: Path, data: Mapping[str, Any]) -> Optional[Preset]:
+    """The validated preset of a checkpoint's config.json mapping (None for PRESETLESS_KINDS)."""
+    return validate(data["preset"], f"checkpoint {d} preset") if data["kind"] not in PRESETLESS_KINDS else None
+
+
 def load_checkpoint(path: PathLike, expect_kind: Optional[str] = None, device: Union[str, torch.device] = "cpu"
                     ) -> Checkpoint:
     """Read an fvar checkpoint (the directory, or its config.json / model.safetensors).
@@ -301,7 +306,7 @@ def load_checkpoint(path: PathLike, expect_kind: Optional[str] = None, device: U
     kind = data["kind"]
     if expect_kind is not None and kind != expect_kind:
         raise UserError(f"{d} is {article(kind)} {kind} checkpoint, expected {article(expect_kind)} {expect_kind}")
-    preset = validate(data["preset"], f"checkpoint {d} preset") if kind not in PRESETLESS_KINDS else None
+    preset = _preset_of(d, data)
     weights = d / WEIGHTS_NAME
     if not weights.is_file():
         raise UserError(f"{d} has {CONFIG_NAME} but no {WEIGHTS_NAME}")
@@ -391,6 +396,5 @@ def card_for(checkpoint_dir: PathLike) -> str:
     d, data = read_checkpoint_config(checkpoint_dir)
     if (d / CARD_NAME).is_file():
         return (d / CARD_NAME).read_text(encoding="utf-8")
-    preset = validate(data["preset"], f"checkpoint {d} preset") if data["kind"] not in PRESETLESS_KINDS else None
-    return model_card(data["kind"], preset, data.get("provenance", {}))
+    return model_card(data["kind"], _preset_of(d, data), data.get("provenance", {}))
 

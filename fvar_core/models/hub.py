@@ -131,8 +131,8 @@ def download(name: str, out: Optional[PathLike] = None, *, cache_dir: Optional[P
     out = Path(out) if out is not None else hub_cache_dir() / name
     var, vae = fetch(entry.var, cache_dir), fetch(entry.vae, cache_dir)
     if _converted_from(out) != var.sha256 or _converted_from(out / "tokenizer") != vae.sha256:
-        import_official(var.path, out, entry.preset, overwrite=overwrite)
-        import_official(vae.path, out / "tokenizer", overwrite=True)
+        import_official(var.path, out, entry.preset, overwrite=overwrite, sha256=var.sha256)
+        import_official(vae.path, out / "tokenizer", overwrite=True, sha256=vae.sha256)
     return out, (var, vae)
 
 

@@ -11,8 +11,8 @@ from typing import Any, Iterable, Mapping, Optional, Union
 import torch
 
 from fvar_core.atomic import atomic_write, check_writable
-from fvar_core.checkpoints import (CONFIG_NAME, Checkpoint, StateDict, article, check_checkpoint_target, load_checkpoint,
-                          read_checkpoint_config, save_checkpoint, torch_load_weights_only)
+from fvar_core.checkpoints import (CONFIG_NAME, Checkpoint, StateDict, article, check_checkpoint_target,
+                                   load_checkpoint, read_checkpoint_config, save_checkpoint, torch_load_weights_only)
 from fvar_core.config import Preset
 from fvar_core.errors import UserError
 from fvar_core.hashing import file_sha256
@@ -27,8 +27,6 @@ DEFAULT_VAR_PRESET = "var-d16-256"
 OFFICIAL_SUFFIXES = (".pth", ".pt")  # what a path to an official file (not an fvar folder) ends with
 
 _TENSOR_DICT_KEYS = ("model", "state_dict", "module", "net", "vae", "var")
-
-
 
 
 def _is_tensor_dict(obj: Any) -> bool:
@@ -224,14 +222,16 @@ class OfficialModel:
 
 
 def load_official(src: PathLike, preset_name: Optional[str] = None, overrides: Iterable[str] = (),
-                  expect_kind: Optional[str] = None) -> OfficialModel:
+                  expect_kind: Optional[str] = None, sd: Optional[StateDict] = None,
+                  sha256: Optional[str] = None) -> OfficialModel:
     """Official VAR `.pth` (VQ-VAE or transformer) → its fvar model, without writing anything.
 
     The architecture is read off the state dict and set on the preset (default: var-d16-256 for a
     VQ-VAE, the var-d{depth} preset of matching length for a transformer); the user's overrides
-    apply after it. The weights go through the model's strict official loader."""
+    apply after it. The weights go through the model's strict official loader. `sd` / `sha256`:
+    the file's state dict and checksum when the caller has them already (each costs a read)."""
     src = Path(src)
-    sd = read_official_pth(src)
+    sd = read_official_pth(src) if sd is None else sd
     kind = detect_official_kind(sd)
     if expect_kind is not None and kind != expect_kind:
         raise UserError(f"{src} is an official {'VQ-VAE' if kind == 'tokenizer' else 'VAR transformer'} file, "
@@ -250,19 +250,22 @@ def load_official(src: PathLike, preset_name: Optional[str] = None, overrides: I
                             f"(patch_nums {list(preset.patch_nums)}): choose the preset of its resolution with --preset")
         model = VAR(preset.model, preset.patch_nums, preset.tokenizer.vocab_size, preset.tokenizer.z_channels)
         model.load_official_state_dict(sd)
-    provenance = {"source": {"file": src.name, "sha256": file_sha256(src), "format": "official VAR .pth"},
+    provenance = {"source": {"file": src.name, "sha256": sha256 or file_sha256(src), "format": "official VAR .pth"},
                   "step": None, "converted_with_preset": name}
     return OfficialModel(kind, preset, name, model, provenance)
 
 
 def import_official(src: PathLike, out: PathLike, preset_name: Optional[str] = None,
-                    overrides: Iterable[str] = (), overwrite: bool = False) -> ConversionReport:
+                    overrides: Iterable[str] = (), overwrite: bool = False,
+                    sha256: Optional[str] = None) -> ConversionReport:
     """Official VAR `.pth` → fvar checkpoint directory (`load_official`, then saved). An existing
-    checkpoint at `out` is replaced only if it is of the same kind and `overwrite`."""
+    checkpoint at `out` is replaced only if it is of the same kind and `overwrite` (checked before
+    the model is built). sha256: the file's, when the caller has computed it."""
     src, out = Path(src), Path(out)
     check_checkpoint_target(out)
-    m = load_official(src, preset_name, overrides)
-    _check_replace(out, m.kind, overwrite)
+    sd = read_official_pth(src)
+    _check_replace(out, detect_official_kind(sd), overwrite)
+    m = load_official(src, preset_name, overrides, sd=sd, sha256=sha256)
     kind, preset, name = m.kind, m.preset, m.preset_name
     state = m.model.state_dict()
     out = save_checkpoint(out, kind=kind, preset=preset, state_dict=state, provenance=m.provenance)

@@ -444,11 +444,10 @@ class _Saver:
         self.provenance = {**dict(provenance or {}), **({"data_identity": dict(identity)} if identity else {})}
         self.best, self.last, self.enabled = resumed.best, resumed.path, enabled
         self.best_metric = getattr(task, "best_metric", None)
-
-    def classes(self) -> Optional[List[str]]:
-        """The run's class names (classes.json, written before training by the task's prepare)."""
-        f = self.run_dir / CLASS_INDEX
-        return read_class_index(f) if f.is_file() else None
+        # the run's class names for the model cards: classes.json, written by the task's prepare
+        # before the saver exists, so read once here rather than at every checkpoint
+        index = run_dir / CLASS_INDEX
+        self.classes = read_class_index(index) if index.is_file() else None
 
     def due(self, done: int) -> bool:
         return self.enabled and (done % self.cfg.ckpt_every == 0 or done == self.cfg.steps)
@@ -471,7 +470,7 @@ class _Saver:
                     "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
             final = save_checkpoint(root / step_name(step), kind=task.kind, preset=task.preset,
                                     state_dict=task.state_dict(), provenance=prov, training_state=state,
-                                    classes=self.classes())
+                                    classes=self.classes)
             atomic_write_bytes(root / LATEST, (final.name + "\n").encode())
             if is_best:
                 atomic_write_bytes(root / BEST, (final.name + "\n").encode())
