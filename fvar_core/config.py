@@ -8,7 +8,7 @@ width, ...) are checked in `Preset`.
 from __future__ import annotations
 
 import math
-from typing import Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -215,8 +215,30 @@ class TrainConfig(LoopConfig):
     weight_decay: float = Field(0.05, ge=0.0)
     weight_decay_end: float = Field(0.05, ge=0.0)
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
-    activation_checkpointing: bool = False
-    compile: bool = False
+    activation_checkpointing: Literal["auto", "off", "pointwise", "full"] = Field(
+        "auto", description="recompute in the backward pass: 'pointwise' the blocks' elementwise ops (matmul and "
+                            "attention outputs kept: no FLOPs repeated), 'full' whole blocks; auto = pointwise "
+                            "on the CPU unless compiled, off on GPUs (true/false still mean full/off)")
+    compile: Union[bool, Literal["auto"]] = Field(
+        "auto", description="whole-model torch.compile of the training step; auto = on for CUDA")
+
+    @field_validator("activation_checkpointing", mode="before")
+    @classmethod
+    def _checkpointing_from_bool(cls, v: Any) -> Any:
+        return {True: "full", False: "off"}.get(v, v) if isinstance(v, bool) else v
+
+    def compile_on(self, device: Any) -> bool:
+        """Whether the step is compiled on this device (auto: CUDA only — measured in benchmarks/RESULTS.md)."""
+        return self.compile is True or (self.compile == "auto" and str(device).startswith("cuda"))
+
+    def checkpointing_on(self, device: Any) -> str:
+        """The activation-checkpointing mode in effect: off, pointwise or full. auto: pointwise on
+        the CPU when eager (measured: about half the step's memory at the same speed, benchmarks/
+        RESULTS.md); off when compiled (inductor chooses what to recompute) and off on GPUs, where the
+        selective-recompute hooks would hide FlexAttention's compiled kernel — until measured there."""
+        if self.activation_checkpointing != "auto":
+            return self.activation_checkpointing
+        return "pointwise" if str(device) == "cpu" and not self.compile_on(device) else "off"
 
     @property
     def peak_lr(self) -> float:

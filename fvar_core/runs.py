@@ -147,10 +147,11 @@ CHECKPOINT_FILES = ("config.json", "model.safetensors", "training_state.pt")  # 
 RUN_FILES = (LOG, METRICS, CHECKPOINTS, "samples", CLASS_INDEX, TOKENIZER_DIR, ".tokenizer.tmp", "teacher",
              "discriminator.safetensors", LOCK_NAME, SKIPPED_FILES)
 
-# Fields that may change between a run and its resume: how long it runs and how it reports.
+# Fields that may change between a run and its resume: how long it runs, how it reports, and how
+# the same step is executed (recompute, compilation).
 # Anything else (architecture, lr, data processing, seed, ...) makes the run directory another run's.
 RESUMABLE_CHANGES = ("steps", "log_every", "ckpt_every", "keep_last", "sample_every", "num_workers",
-                     "description", "log_with")
+                     "description", "log_with", "activation_checkpointing", "compile")
 
 
 def step_name(step: int) -> str:

@@ -182,3 +182,38 @@ def test_finished_run_rerun_does_nothing(tmp_path):
     _run(tmp_path / "r", _preset(3))
     task, res = _run(tmp_path / "r", _preset(3))
     assert res.resumed_from == 3 and res.step == 3 and task.calls == 3
+
+
+def test_a_non_finite_step_is_skipped_on_the_device_before_the_run_stops(tmp_path):
+    """The NaN step's update never lands: when the error is raised the weights are exactly those of
+    the four good steps (the check is read one step late; the fused optimiser skipped by found_inf)."""
+    task = ToyTask(nan_at=5)
+    with pytest.raises(UserError, match=r"not finite at step 5: its update was skipped"):
+        _run(tmp_path / "bad", _preset(6, ckpt_every=100), task)
+    clean, _ = _run(tmp_path / "good", _preset(4, ckpt_every=100))
+    for a, b in zip(task.net.state_dict().values(), clean.net.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_micro_steps_add_no_host_reads(tmp_path):
+    """Values are read back from the device once per optimiser step (the finiteness verdict) and at
+    log lines — never per micro-step, so gradient accumulation adds no synchronisation."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class HostReads(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                HostReads.n += 1
+            return func(*args, **(kwargs or {}))
+
+    counts = {}
+    for accum, steps in ((1, 5), (4, 5), (1, 10)):
+        HostReads.n = 0
+        with HostReads():
+            _run(tmp_path / f"a{accum}-{steps}", _preset(steps, grad_accum=accum, batch_size=8, log_every=steps,
+                                                         ckpt_every=100))
+        counts[accum, steps] = HostReads.n
+    assert counts[4, 5] == counts[1, 5], counts  # 4 micro-steps per step: not one read more
+    assert counts[1, 10] - counts[1, 5] <= 5, counts  # at most one read per optimiser step

@@ -48,7 +48,7 @@ def train_cmd(
     p = resolve(preset, overrides, *extra)
     typer.echo(f"training {p.name} ({'distill' if distill else 'train'}, depth {p.model.depth}, {p.seq_len} tokens) "
                f"on {dev}: batch {batch}, {warmup} warm-up + {steps} timed steps"
-               + (", torch.compile" if p.train.compile else ""))
+               + (", torch.compile" if p.train.compile_on(dev.type) else ""))
     doc = train_benchmark(p, device=dev, distill=distill, batch=batch, steps=steps, warmup=warmup, flops=flops,
                           peak_tflops=peak_tflops)
     res, mem = doc["results"], doc["results"]["peak_memory"]

@@ -122,9 +122,11 @@ class Teacher(nn.Module):
         return self._block_masks[key]
 
     def forward(self, label_B: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor, alias_idx_BL: torch.Tensor, *,
-                return_features: int = 0, generator: Optional[torch.Generator] = None, label_dropout: bool = True):
+                return_features: int = 0, generator: Optional[torch.Generator] = None, label_dropout: bool = True,
+                head: bool = True):
         """label_B (B,), x_BLCv_wo_first_l (B, L-first_l, Cv), alias_idx_BL (B, L) -> logits (B, L, V),
-        or (logits, hidden states after each of the last `return_features` blocks), as VAR.forward.
+        or (logits, hidden states after each of the last `return_features` blocks), as VAR.forward (and
+        head=False: the head's input instead of the logits).
         For online distillation drop labels once (student.drop_labels) and pass label_dropout=False
         to both networks so they see the same null labels."""
         net = self.net
@@ -151,5 +153,4 @@ class Teacher(nn.Module):
             x = run_block(net, layer, i, x)
             if i >= net.depth - return_features:
                 feats.append(x)
-        logits = net.get_logits(x, cond_BD)
-        return (logits, feats) if return_features else logits
+        return net.finish(x, cond_BD, feats, return_features, head)

@@ -282,13 +282,36 @@ class AdaLNBeforeHead(nn.Module):
 # VAR
 # ------------------------------------------------------------------------------------------------
 
-def run_block(owner: nn.Module, fn, *args):
-    """fn(*args), under activation checkpointing when owner.activation_checkpointing and training."""
-    if owner.training and getattr(owner, "activation_checkpointing", False) and torch.is_grad_enabled():
-        from torch.utils.checkpoint import checkpoint
+_aten = torch.ops.aten
+# Ops whose outputs "pointwise" checkpointing keeps: matmuls and attention (the FLOPs). Everything
+# else in a block — norms, AdaLN modulation, q/k normalisation, GELU, gates — is elementwise and
+# cheap to recompute, yet its outputs are most of what eager autograd would keep.
+KEEP_OPS = frozenset(op for op in (
+    _aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default,
+    _aten._scaled_dot_product_flash_attention_for_cpu.default,
+    _aten._scaled_dot_product_flash_attention.default, _aten._scaled_dot_product_efficient_attention.default,
+    _aten._scaled_dot_product_cudnn_attention.default))
 
-        return checkpoint(fn, *args, use_reentrant=False)
-    return fn(*args)
+
+def _keep_matmuls(ctx, op, *args, **kwargs):
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return CheckpointPolicy.MUST_SAVE if op in KEEP_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def run_block(owner: nn.Module, fn, *args):
+    """fn(*args), under activation checkpointing when training with owner.activation_checkpointing:
+    'full' recomputes the block in the backward pass, 'pointwise' only its elementwise ops (the
+    matmul and attention outputs are kept, so no FLOPs are repeated)."""
+    mode = getattr(owner, "activation_checkpointing", "off")
+    if not (owner.training and mode not in ("off", False, None) and torch.is_grad_enabled()):
+        return fn(*args)
+    from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+
+    if mode == "pointwise":
+        return checkpoint(fn, *args, use_reentrant=False,
+                          context_fn=lambda: create_selective_checkpoint_contexts(_keep_matmuls))
+    return checkpoint(fn, *args, use_reentrant=False)
 
 
 class VAR(nn.Module):
@@ -337,8 +360,8 @@ class VAR(nn.Module):
         self.head_nm = AdaLNBeforeHead(C, cfg.norm_eps)
         self.head = nn.Linear(C, vocab_size)
         self._block_masks: dict = {}  # (L, device) -> BlockMask; not state
-        # Recompute each block's activations in the backward pass (training only): memory for compute.
-        self.activation_checkpointing = False
+        # Recompute in the backward pass (training only): "off", "pointwise" or "full" (`run_block`).
+        self.activation_checkpointing = "off"
         self.init_weights()
 
     # --- initialisation: VAR's init_weights (docs/var-compat.md §2.6), the only place weights are set ---
@@ -417,16 +440,27 @@ class VAR(nn.Module):
             self._block_masks[key] = scale_block_mask(lvl, lvl, "causal")
         return self._block_masks[key]
 
+    def head_input(self, h_BLC: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
+        """(B, L, C) last hidden states -> (B, L, C) float32, what `head` maps to logits."""
+        return self.head_nm(h_BLC.float(), cond_BD).float()
+
     def get_logits(self, h_BLC: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
         """(B, L, C) -> (B, L, V) float32 logits."""
-        return self.head(self.head_nm(h_BLC.float(), cond_BD).float()).float()
+        return self.head(self.head_input(h_BLC, cond_BD)).float()
+
+    def finish(self, h_BLC: torch.Tensor, cond_BD: torch.Tensor, feats: list, return_features: int, head: bool):
+        """The forward's return value: logits (or, head=False, the head's input) [, features]."""
+        out = self.get_logits(h_BLC, cond_BD) if head else self.head_input(h_BLC, cond_BD)
+        return (out, feats) if return_features else out
 
     # --- training / teacher forcing ---
     def forward(self, label_B: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor, *,
                 return_features: int = 0, generator: Optional[torch.Generator] = None,
-                label_dropout: bool = True):
+                label_dropout: bool = True, head: bool = True):
         """label_B (B,) int64; x_BLCv_wo_first_l (B, L-first_l, Cv) -> logits (B, L, V) float32,
         or (logits, [hidden states (B, L, C) after each of the last `return_features` blocks]).
+        head=False returns the head's input (B, L, C) float32 in place of the logits (the training
+        losses apply the head themselves, chunk by chunk: `train.head_loss`).
 
         Label dropout (cond_drop) only in training mode and only if label_dropout (pass False when
         the caller already dropped labels, e.g. once for teacher and student), using `generator` or
@@ -441,8 +475,7 @@ class VAR(nn.Module):
             x = run_block(self, block, x, cond, mask)
             if i >= self.depth - return_features:
                 feats.append(x)
-        logits = self.get_logits(x, cond_BD)
-        return (logits, feats) if return_features else logits
+        return self.finish(x, cond_BD, feats, return_features, head)
 
     # --- incremental inference (the sampler drives it; docs/var-compat.md §2.8) ---
     def new_kv_cache(self, batch: int, device=None, dtype=torch.float32) -> KVCache:

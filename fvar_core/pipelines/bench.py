@@ -203,6 +203,50 @@ class PeakMemory:
                 "peak_gib": self.peak_bytes / 2 ** 30}
 
 
+class TensorMemory:
+    """Live and peak bytes of the tensor storages created inside a `with` block, on any device.
+
+    An exact account where the CPU has no allocator statistics: every op's outputs are seen through a
+    TorchDispatchMode (the backward pass's too) and a storage counts from its creation until it is
+    freed. Storages that existed before the block (weights, optimiser state) are not counted; views
+    share their base's storage and count once."""
+
+    def __init__(self) -> None:
+        self.live = self.peak = 0
+
+    def __enter__(self) -> "TensorMemory":
+        import weakref
+
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_flatten
+        from torch.utils.weak import WeakIdKeyDictionary
+
+        acct, seen = self, WeakIdKeyDictionary()
+
+        def free(n: int) -> None:
+            acct.live -= n
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in tree_flatten(out)[0]:
+                    if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                        st = t.untyped_storage()
+                        if st not in seen:
+                            seen[st] = n = st.nbytes()
+                            weakref.finalize(st, free, n)
+                            acct.live += n
+                            acct.peak = max(acct.peak, acct.live)
+                return out
+
+        self._mode = _Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._mode.__exit__(*exc)
+
+
 # ------------------------------------------------------------------------------------------------
 # FLOPs
 # ------------------------------------------------------------------------------------------------
@@ -450,5 +494,6 @@ def train_benchmark(preset, *, device: torch.device, distill: bool, batch: int, 
             "settings": {"batch": batch, "steps": steps, "warmup": warmup,
                          "precision": p.train.precision if device.type == "cuda" else
                          ("bf16 autocast" if p.train.cpu_bf16 else "fp32"),
-                         "compile": p.train.compile, "activation_checkpointing": p.train.activation_checkpointing},
+                         "compile": p.train.compile_on(device.type),
+                         "activation_checkpointing": p.train.checkpointing_on(device.type)},
             "results": res}

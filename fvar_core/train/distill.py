@@ -20,11 +20,15 @@ import torch.nn.functional as F
 from fvar_core.config import TeacherConfig
 
 
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """t in float32, or float64 if it is already (so a float64 check stays float64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def token_ce(logits_BLV: torch.Tensor, target_BL: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
     """Mean cross-entropy over all tokens, fp32: logits (B, L, V), target (B, L) -> scalar."""
     V = logits_BLV.shape[-1]
-    return F.cross_entropy(logits_BLV.float().reshape(-1, V), target_BL.reshape(-1), label_smoothing=label_smoothing)
-
+    return F.cross_entropy(at_least_fp32(logits_BLV).reshape(-1, V), target_BL.reshape(-1), label_smoothing=label_smoothing)
 
 
 def feature_alignment(student_feats: Sequence[torch.Tensor], teacher_feats: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -38,8 +42,8 @@ def feature_alignment(student_feats: Sequence[torch.Tensor], teacher_feats: Sequ
 def logit_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """T² · KL(p_tea ‖ p_stu) at temperature T, mean over tokens; logits (B, L, V), teacher detached."""
     V = student_logits.shape[-1]
-    log_p_stu = F.log_softmax(student_logits.float().reshape(-1, V) / temperature, dim=-1)
-    log_p_tea = F.log_softmax(teacher_logits.detach().float().reshape(-1, V) / temperature, dim=-1)
+    log_p_stu = F.log_softmax(at_least_fp32(student_logits).reshape(-1, V) / temperature, dim=-1)
+    log_p_tea = F.log_softmax(at_least_fp32(teacher_logits.detach()).reshape(-1, V) / temperature, dim=-1)
     kl = F.kl_div(log_p_stu, log_p_tea, reduction="batchmean", log_target=True)  # Σ_v p_tea (log p_tea − log p_stu)
     return kl * temperature ** 2
 

@@ -120,13 +120,13 @@ class BatchStream:
         self.micro = batch_size // accum        # samples of one micro-step, all ranks
         self.per_rank = self.micro // world
         self.rank = rank
-        self._perm: Optional[Tuple[int, torch.Tensor]] = None
+        self._perm: Optional[Tuple[int, List[int]]] = None
 
     def _item(self, pos: int) -> Tuple[int, int]:
         epoch, off = divmod(pos, self.n)
         if self._perm is None or self._perm[0] != epoch:
-            self._perm = (epoch, _epoch_permutation(self.n, self.seed, epoch))
-        return int(self._perm[1][off]), epoch
+            self._perm = (epoch, _epoch_permutation(self.n, self.seed, epoch).tolist())
+        return self._perm[1][off], epoch
 
     def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
         pos = self.position
@@ -347,8 +347,10 @@ def _open_run(acc: Any, run_dir: Path, preset: Preset, console: Any, prepare: Op
 
 
 def build_optimizer(task: Task, model: nn.Module, cfg: LoopConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over the task's groups (frozen parameters left out; fused on CUDA). Each group keeps
-    its multipliers: the loop sets lr = lr_at(step)·lr_mult and weight decay = wd_at(step)·wd_mult."""
+    """AdamW over the task's groups (frozen parameters left out). Each group keeps its multipliers:
+    the loop sets lr = lr_at(step)·lr_mult and weight decay = wd_at(step)·wd_mult. Fused on every
+    device: the fused kernel takes `found_inf`, which is how the loop skips the update of a step with
+    non-finite gradients without waiting for the device (`_skip_if_not_finite`)."""
     groups = []
     for g in task.param_groups(model):
         params = [p for p in g["params"] if p.requires_grad]
@@ -357,8 +359,7 @@ def build_optimizer(task: Task, model: nn.Module, cfg: LoopConfig, device: torch
                            "lr_mult": float(g.get("lr_mult", 1.0)), "lr": cfg.peak_lr, "weight_decay": 0.0})
     if not groups:
         raise UserError("nothing to train: every parameter of the model is frozen")
-    return torch.optim.AdamW(groups, lr=cfg.peak_lr, betas=cfg.betas, weight_decay=0.0,
-                             **({"fused": True} if device.type == "cuda" else {}))
+    return torch.optim.AdamW(groups, lr=cfg.peak_lr, betas=cfg.betas, weight_decay=0.0, fused=True)
 
 
 @dataclass
@@ -393,6 +394,8 @@ def _resume(task: Task, opt: torch.optim.Optimizer, chosen: Optional[Tuple[int, 
         task.load_extra_state(state["task"])  # first: its messages name what differs
     try:
         opt.load_state_dict(state["optimizer"])
+        for g in opt.param_groups:  # runs saved by the unfused optimiser resume fused (same state tensors)
+            g["fused"], g["foreach"] = True, None
     except ValueError as e:  # another set of trainable parameters than the run had
         raise UserError(f"{path}: the run's optimiser state does not fit this model ({e}); resume with the "
                         f"same options, or choose another --out") from None
@@ -490,12 +493,14 @@ def _train(task: Task, model: nn.Module, opt: torch.optim.Optimizer, loader: Any
     last metrics line."""
     main = acc.is_main_process
     params = [p for g in opt.param_groups for p in g["params"]]
+    inner = getattr(opt, "optimizer", opt)  # accelerate's wrapper: found_inf goes to the torch optimiser
     window = _Window()
     last: Dict[str, Any] = {}
     progress = _Progress(log, cfg.steps, start) if log.interactive else None
     it = iter(loader)
     model.train()
     step = start
+    pending: Optional[_Pending] = None
     try:
         for step in range(start, cfg.steps):
             lr, wd = cfg.lr_at(step), cfg.wd_at(step)
@@ -507,23 +512,46 @@ def _train(task: Task, model: nn.Module, opt: torch.optim.Optimizer, loader: Any
                 batch = to_device(next(it), acc.device)
                 with (nullcontext() if sync else acc.no_sync(model)), autocast():
                     loss, m = task.step(batch, step)
-                _stop_if_not_finite(loss, step, acc, saver.last)
                 acc.backward(loss / cfg.grad_accum)
                 for k, v in {"loss": loss, **m}.items():
                     v = v.detach().float() if isinstance(v, torch.Tensor) else torch.tensor(float(v))
                     metrics[k] = metrics.get(k, 0) + v / cfg.grad_accum
+            # The norm of the all-reduced gradients is the same on every rank: a NaN/inf anywhere
+            # makes it non-finite everywhere, so each rank skips the same update with no collective
+            # of its own; the fused optimiser skips on the device (found_inf), nothing waits here.
+            gn = acc.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+            gn = gn.detach().float() if isinstance(gn, torch.Tensor) else torch.tensor(float(gn))
             if cfg.grad_clip > 0:
-                gn = acc.clip_grad_norm_(params, cfg.grad_clip)
-                metrics["grad_norm"] = gn.detach().float() if isinstance(gn, torch.Tensor) else torch.tensor(gn)
+                metrics["grad_norm"] = gn
+            scaled = getattr(acc, "scaler", None) is not None
+            if scaled:  # fp16: the grad scaler skips overflowing steps itself; a non-finite loss still stops
+                finite = torch.isfinite(metrics["loss"])
+            else:
+                finite = torch.isfinite(gn).to(acc.device)
+            # The previous step's verdict, read now: its work finished before this step's (queued)
+            # forward and backward started, so the read does not stall the device.
+            _raise_if_bad(pending, saver.last)
+            if not scaled:
+                inner.found_inf = (~finite).float()
             opt.step()
             opt.zero_grad(set_to_none=True)
+            done = step + 1
+            pending = _Pending(done, finite, metrics["loss"], acc if scaled and acc.num_processes > 1 else None)
             after = getattr(task, "after_step", None)
-            for k, v in ((after(step + 1) if after is not None else None) or {}).items():
+            extra = after(done) if after is not None else None
+            if extra:
+                _raise_if_bad(pending, saver.last)  # task hooks read the weights on the host
+                pending = None
+            for k, v in (extra or {}).items():
                 metrics[k] = torch.as_tensor(float(v))
             window.add(metrics)
-            done = step + 1
 
-            if done % cfg.log_every == 0 or done == cfg.steps:
+            report = done % cfg.log_every == 0 or done == cfg.steps
+            do_sample = bool(cfg.sample_every and done % cfg.sample_every == 0 and main and hasattr(task, "on_sample"))
+            if report or do_sample or saver.due(done):  # these read values on the host anyway
+                _raise_if_bad(pending, saver.last)
+                pending = None
+            if report:
                 last = window.line(done, lr, cfg, task)
                 if main:
                     _report(log, last, cfg, window, progress is None)
@@ -531,13 +559,14 @@ def _train(task: Task, model: nn.Module, opt: torch.optim.Optimizer, loader: Any
                 window.reset()
             if progress is not None:
                 progress.update(done, last)
-            if cfg.sample_every and done % cfg.sample_every == 0 and main and hasattr(task, "on_sample"):
+            if do_sample:
                 model.eval()
                 task.on_sample(run_dir, done)
                 tracking.image(run_dir / "samples" / f"step-{done:07d}.png", done)
                 model.train()
             if saver.due(done):
                 saver.save(done, last)
+        _raise_if_bad(pending, saver.last)
     except KeyboardInterrupt as e:
         newest = f"its newest checkpoint is {saver.last.name}" if saver.last else "no checkpoint was written yet"
         mark_interrupt(e, f"at step {step} of {cfg.steps} in {run_dir} ({newest})")
@@ -549,13 +578,29 @@ def _train(task: Task, model: nn.Module, opt: torch.optim.Optimizer, loader: Any
     return last
 
 
-def _stop_if_not_finite(loss: torch.Tensor, step: int, acc: Any, last_ckpt: Optional[Path]) -> None:
-    """A NaN/inf loss on any rank stops every rank before the update: checkpoints stay untouched."""
-    bad = torch.tensor(0.0 if bool(torch.isfinite(loss.detach())) else 1.0, device=acc.device)
-    if acc.reduce(bad, reduction="sum").item() > 0:
-        where = f"; the last good checkpoint, {last_ckpt}, is untouched" if last_ckpt else "; no checkpoint was written"
-        raise UserError(f"loss is {loss.detach().float().item()} at step {step + 1}: stopped before "
-                        f"the update{where}. Lower the lr (--set …lr=) or check the data")
+@dataclass
+class _Pending:
+    """A step whose finiteness has not been read on the host yet: its number, the device flag, its loss."""
+
+    step: int
+    finite: torch.Tensor
+    loss: torch.Tensor
+    agree: Any = None  # the accelerator when the flag is per rank (fp16 losses under DDP): reduce it first
+
+
+def _raise_if_bad(pending: Optional[_Pending], last_ckpt: Optional[Path]) -> None:
+    """Stop every rank (they all hold the same verdict) after a step whose loss or gradients were not
+    finite; its update was skipped on the device, so the weights and checkpoints stay good."""
+    if pending is None:
+        return
+    finite = pending.finite
+    if pending.agree is not None:  # one small all-reduce per optimiser step, fp16 + DDP only
+        finite = pending.agree.reduce(finite.float(), reduction="sum") == pending.agree.num_processes
+    if bool(finite):
+        return
+    where = f"; the last good checkpoint, {last_ckpt}, is untouched" if last_ckpt else "; no checkpoint was written"
+    raise UserError(f"loss {pending.loss.float().item()} (or its gradients) not finite at step {pending.step}: "
+                    f"its update was skipped and training stopped{where}. Lower the lr (--set …lr=) or check the data")
 
 
 class _Window:

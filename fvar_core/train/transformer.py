@@ -8,7 +8,8 @@ on the fly by the frozen tokenizer (VAR's way, with random crops). Per step, on 
     train     loss = CE(student(label, x_in), tokens)               plain mean over all B·L tokens
     distill   labels dropped once for both networks (same null labels), then
               loss = CE_stu + CE_tea + λ_feat·Σ‖F_stu − sg(F_tea)‖² + λ_logit·KL(p_tea ‖ p_stu)
-              (`distill.distill_loss`); the teacher reads the alias tokens through AG-XAttn.
+              (`distill.distill_loss`; computed without full logits by `head_loss.head_losses`);
+              the teacher reads the alias tokens through AG-XAttn.
 
 The checkpoint of either mode is the student alone (kind "var": official VAR keys), so every run's
 checkpoint samples and exports like a VAR checkpoint. A distillation run keeps the teacher's
@@ -40,7 +41,8 @@ from fvar_core.models.teacher import Teacher
 from fvar_core.models.transformer import VAR
 from fvar_core.runs import CLASS_INDEX, SKIPPED_FILES, check_run_dir, data_identity, resolve_checkpoint
 from fvar_core.sample.sampler import sample
-from fvar_core.train.distill import distill_loss
+from fvar_core.train.distill import feature_alignment
+from fvar_core.train.head_loss import head_losses, loss_parts
 from fvar_core.train.loop import fit
 from fvar_core.data.shards import TokenShards
 
@@ -101,12 +103,15 @@ class StudentTeacher(nn.Module):
         super().__init__()
         self.student, self.teacher, self.feat_blocks = student, teacher, feat_blocks
 
-    def forward(self, label_B: torch.Tensor, x_in: torch.Tensor, alias_BL: torch.Tensor):
+    def forward(self, label_B: torch.Tensor, x_in: torch.Tensor, alias_BL: torch.Tensor, head: bool = True):
+        """-> (student out, student features, teacher out, teacher features); out = logits, or with
+        head=False the head's input (`VAR.forward`)."""
         label_B = self.student.drop_labels(label_B) if self.training else label_B
-        s_logits, s_feats = self.student(label_B, x_in, return_features=self.feat_blocks, label_dropout=False)
-        t_logits, t_feats = self.teacher(label_B, x_in, alias_BL, return_features=self.feat_blocks,
-                                         label_dropout=False)
-        return s_logits, s_feats, t_logits, t_feats
+        s_out, s_feats = self.student(label_B, x_in, return_features=self.feat_blocks, label_dropout=False,
+                                      head=head)
+        t_out, t_feats = self.teacher(label_B, x_in, alias_BL, return_features=self.feat_blocks,
+                                      label_dropout=False, head=head)
+        return s_out, s_feats, t_out, t_feats
 
 
 def check_shards_fit(preset: Preset, shards: Any, distill: bool) -> None:
@@ -161,19 +166,16 @@ class VARTask:
         self.distill, self.source = distill, source
         self.notes = list(notes)
         self.sample_labels = list(sample_labels) if sample_labels is not None else None
-        self.compiled = None
 
     # ------------------------------------------------------------------------------ model
     def build(self) -> nn.Module:
         p = self.preset
         student = VAR(p.model, p.patch_nums, p.tokenizer.vocab_size, p.tokenizer.z_channels)
-        student.activation_checkpointing = self.cfg.activation_checkpointing
         self.student = student
         if not self.distill:
             self.teacher = None
             return student
         teacher = Teacher.from_student(student, p.teacher, p.tokenizer.alias_tokens)
-        teacher.net.activation_checkpointing = self.cfg.activation_checkpointing
         self.teacher = teacher
         return StudentTeacher(student, teacher, p.teacher.feat_blocks)
 
@@ -182,9 +184,15 @@ class VARTask:
 
     def attach(self, model: nn.Module) -> None:
         self.model = model
-        self.tok.to(next(self.student.parameters()).device)
+        device = next(self.student.parameters()).device
+        self.tok.to(device)
+        self.checkpointing = self.cfg.checkpointing_on(device.type)
+        for net in (self.student, self.teacher.net if self.teacher is not None else None):
+            if net is not None:
+                net.activation_checkpointing = self.checkpointing
         # Whole-model compile (static shapes, no graph breaks in the step: docs/design.md §11).
-        self.run = torch.compile(model, dynamic=False) if self.cfg.compile else model
+        self.compiled = self.cfg.compile_on(device.type)
+        self.run = torch.compile(model, dynamic=False) if self.compiled else model
 
     def describe(self) -> List[str]:
         p, c = self.preset, self.cfg
@@ -203,10 +211,8 @@ class VARTask:
             lines.append("note: every step runs the tokenizer's focus encodes (at 256 px about twice the FLOPs of a "
                          "d16 training step, fp32, no grad, chunked to memory); `fvar tokenize` once and "
                          "`--tokens` trains without them")
-        extras = [x for x, on in (("activation checkpointing", c.activation_checkpointing),
-                                  ("torch.compile", c.compile)) if on]
-        if extras:
-            lines.append("on: " + ", ".join(extras))
+        lines.append(f"activation checkpointing: {getattr(self, 'checkpointing', c.activation_checkpointing)}; "
+                     f"torch.compile: {'on' if getattr(self, 'compiled', False) else 'off'}")
         return lines
 
     # ------------------------------------------------------------------------------- step
@@ -223,24 +229,23 @@ class VARTask:
         return torch.cat(toks.structure, dim=1), alias, label
 
     def step(self, batch: Any, step: int):
+        """(loss, logged parts). The networks stop at the head's input; `head_losses` applies the
+        heads chunk by chunk (the (B, L, V) logits never exist) and gives the CE, KL and argmax hits
+        together — the same numbers as `distill.distill_loss` on full logits."""
         structure, alias, label = self.tokens(batch)
         sizes = [p * p for p in self.preset.patch_nums]
         x_in = self.tok.quantize.idx_to_var_input(list(torch.split(structure, sizes, dim=1)))
-        ls = self.cfg.label_smoothing
+        t_cfg = self.preset.teacher
+        kw = dict(label_smoothing=self.cfg.label_smoothing)
         if self.teacher is None:
-            logits = self.run(label, x_in)
-            loss, parts = distill_loss(logits, structure, self.preset.teacher, label_smoothing=ls)
-        else:
-            logits, s_feats, t_logits, t_feats = self.run(label, x_in, alias)
-            loss, parts = distill_loss(logits, structure, self.preset.teacher, teacher_logits=t_logits,
-                                       student_feats=s_feats, teacher_feats=t_feats, label_smoothing=ls)
-            parts["teacher_acc"] = (t_logits.detach().argmax(-1) == structure).float().mean()
-        with torch.no_grad():
-            hit = logits.detach().argmax(-1) == structure
-            parts["acc"] = hit.float().mean()
-            tail = sizes[-1]
-            parts["tail_acc"] = hit[:, -tail:].float().mean()
-        return loss, parts
+            h = self.run(label, x_in, head=False)
+            out = head_losses(h, self.student.head, structure, **kw)
+            return loss_parts(out, None, t_cfg, sizes[-1])
+        h, s_feats, h_t, t_feats = self.run(label, x_in, alias, head=False)
+        out = head_losses(h, self.student.head, structure, h_t=h_t, head_t=self.teacher.net.head,
+                          kd_temperature=t_cfg.kd_temperature if t_cfg.lambda_logit > 0 else None, **kw)
+        feat = feature_alignment(s_feats, t_feats) if t_cfg.lambda_feat > 0 else None
+        return loss_parts(out, feat, t_cfg, sizes[-1])
 
     # ---------------------------------------------------------------------------- sampling
     @torch.no_grad()
