@@ -55,3 +55,8 @@ DeviceOption = typer.Option(
 # is parsed — one line, exit 2 — before any work (and before anything is created).
 writable_file = _writable(folder=False)
 writable_folder = _writable(folder=True)
+
+# `fvar sample` and `fvar bench sample`: compile the per-scale step (SampleConfig.compile).
+SampleCompileOption = typer.Option(
+    None, "--compile", help="off, default or reduce-overhead: torch.compile each scale's transformer step "
+                            "(one graph per scale; reduce-overhead adds CUDA graphs). Default: the preset's.")

@@ -285,6 +285,9 @@ class SampleConfig(_Strict):
     rng: Literal["per-image", "official"] = Field(
         "per-image", description="per-image: each image from its own seed (independent of the batch); official: "
                                  "one generator per batch, consumed as VAR's autoregressive_infer_cfg does")
+    compile: Literal["off", "default", "reduce-overhead"] = Field(
+        "off", description="torch.compile the per-scale transformer step (one static graph per scale); "
+                           "reduce-overhead adds CUDA graphs on GPUs")
     batch_size: int = Field(64, ge=1)
 
 

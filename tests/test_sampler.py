@@ -292,3 +292,58 @@ def test_sampled_tokens_come_from_the_kept_set():
     assert torch.isfinite(filtered.gather(-1, idx.unsqueeze(-1))).all()
     greedy, _ = pick_tokens(logits, torch.rand(4, 50, generator=g), 1, 0.0)
     assert torch.equal(greedy, logits.argmax(-1))
+
+
+# ------------------------------------------------------------------------------------------------
+# The sampler's fast paths (issue: the GPU path, item 7)
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("settings", STOCHASTIC[:1] + [SampleConfig(cfg=0.0, **GREEDY)], ids=["k20-p0.9", "greedy"])
+def test_compiled_sampling_gives_the_eager_tokens(tiny, settings):
+    """SampleConfig.compile: each scale's step compiled once by inductor (CPU), the same tokens."""
+    import torch._dynamo
+
+    var, tok = tiny
+    labels, seeds = [i % 10 for i in range(5)], list(range(40, 45))
+    eager = sample(var, tok, labels, seeds, settings, decode=False)
+    torch._dynamo.reset()
+    fast = settings.model_copy(update={"compile": "default"})
+    compiled = sample(var, tok, labels, seeds, fast, decode=False)
+    again = sample(var, tok, labels, seeds, fast, decode=False)  # cached graphs, no recompiles needed
+    for k in range(len(TINY_PN)):
+        assert torch.equal(compiled.tokens[k], eager.tokens[k]), f"scale {k}"
+        assert torch.equal(again.tokens[k], eager.tokens[k]), f"scale {k}"
+
+
+def test_a_bf16_kv_cache_is_read_in_place_under_autocast(tiny, monkeypatch):
+    """Under bf16 autocast q and k leave the l2-norm in bf16, so attention reads the bf16 cache as a
+    view — no fp32 copy of the whole prefix per block and scale."""
+    import fvar_core.models.transformer as tr
+
+    var, _ = tiny
+    seen = []
+    real = tr.attend
+
+    def spy(q, k, v, mask, scale, dropout_p=0.0):
+        seen.append((q.dtype, k.dtype, v.dtype, k.untyped_storage().data_ptr()))
+        return real(q, k, v, mask, scale, dropout_p)
+
+    monkeypatch.setattr(tr, "attend", spy)
+    cond = var.class_condition(torch.tensor([1, 2]))
+    cache = var.new_kv_cache(2, dtype=torch.bfloat16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        x = var.first_scale_input(cond)
+        var.forward_step(cond, x, cache)
+        var.forward_step(cond, var.scale_input(torch.randn(2, 4, 8), 1), cache)
+    assert len(seen) == 2 * var.depth
+    assert {s[:3] for s in seen} == {(torch.bfloat16,) * 3}
+    assert {s[3] for s in seen} == {cache.k.untyped_storage().data_ptr()}
+
+
+def test_level_and_position_embeddings_are_made_once_per_batch(tiny, monkeypatch):
+    var, tok = tiny
+    calls = []
+    real = var.lvl_pos
+    monkeypatch.setattr(var, "lvl_pos", lambda: calls.append(1) or real())
+    sample(var, tok, [1, 2, 3], [0, 1, 2], SampleConfig(cfg=1.5, top_k=0, top_p=0.0), decode=False, batch_size=2)
+    assert len(calls) == 2  # two batches

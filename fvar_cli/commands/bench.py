@@ -6,7 +6,7 @@ from typing import List, Optional
 
 import typer
 
-from ..options import DeviceOption, PresetOption, SetOption, resolve, writable_file
+from ..options import DeviceOption, PresetOption, SampleCompileOption, SetOption, resolve, writable_file
 
 app = typer.Typer(help="Measure speed: images/s, peak memory, FLOPs, as JSON with the machine named.",
                   no_args_is_help=True)
@@ -75,6 +75,7 @@ def sample_cmd(
     cfg: Optional[float] = typer.Option(None, "--cfg", help="Guidance (default: the preset's); 0 halves the work."),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Top-k (default: the preset's)."),
     top_p: Optional[float] = typer.Option(None, "--top-p", help="Top-p (default: the preset's)."),
+    compile_: Optional[str] = SampleCompileOption,
     flops: bool = typer.Option(True, "--flops/--no-flops", help="Count FLOPs per image (one extra batch-1 run)."),
     device: str = DeviceOption,
     json_out: Optional[Path] = JsonOption,
@@ -89,7 +90,7 @@ def sample_cmd(
     dev = pick_device(device)
     p = resolve(preset, overrides) if preset is not None else None
     doc = sample_benchmark(preset=p, ckpt=ckpt, tokenizer=tokenizer, device=dev, batch=batch, steps=steps,
-                           warmup=warmup, flops=flops, cfg=cfg, top_k=top_k, top_p=top_p)
+                           warmup=warmup, flops=flops, cfg=cfg, top_k=top_k, top_p=top_p, compile=compile_)
     res, mem, st = doc["results"], doc["results"]["peak_memory"], doc["settings"]
     typer.echo(f"sampling {doc['model']['preset']} ({doc['model']['resolution']}px, depth {doc['model']['depth']}) "
                f"on {doc['machine']['device']}: batch {batch}, {steps} timed batch(es), cfg {st['cfg']}, "

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from ..options import DeviceOption, writable_file, writable_folder
+from ..options import DeviceOption, SampleCompileOption, writable_file, writable_folder
 
 
 def sample(
@@ -33,6 +33,7 @@ def sample(
                             "classes and --batch)."),
     batch: Optional[int] = typer.Option(None, "--batch", "-b", min=1,
                                         help="Images per forward pass (default: the preset's sample.batch_size)."),
+    compile_: Optional[str] = SampleCompileOption,
     tokenizer: Optional[Path] = typer.Option(
         None, "--tokenizer", "-t", help="Tokenizer checkpoint (default: the one stored with the checkpoint)."),
     out: Path = typer.Option(Path("samples"), "--out", "-o", help="Folder for the PNGs, grid.png and samples.json.",
@@ -54,7 +55,7 @@ def sample(
         typer.echo(f"using the newest var checkpoint: {ckpt}")
     models = open_models(ckpt, tokenizer, device)
     settings = settings_from(models.preset.sample, cfg=cfg, cfg_mode=cfg_mode, cfg_schedule=cfg_schedule,
-                             top_k=top_k, top_p=top_p, more_smooth=more_smooth, rng=rng)
+                             top_k=top_k, top_p=top_p, more_smooth=more_smooth, rng=rng, compile=compile_)
     ids = parse_classes(classes, models.var.num_classes)
     ident = models.identity["checkpoint"]
     step = f", step {ident['step']}" if ident.get("step") is not None else ""

@@ -195,11 +195,14 @@ class SelfAttention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, L, c)
         if self.attn_l2_norm:
             scale_mul = self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp()  # (1, H, 1, 1)
-            q = F.normalize(q, dim=-1).mul(scale_mul.to(q.dtype))
-            k = F.normalize(k, dim=-1)
+            # under autocast the norm runs in fp32 and would leave q, k fp32 beside a bf16 v: back to
+            # v's dtype, which attention casts to anyway — and the KV cache is kept in (no per-block
+            # upcast copy of the whole prefix). A no-op in fp32.
+            q = F.normalize(q, dim=-1).mul(scale_mul.to(q.dtype)).to(v.dtype)
+            k = F.normalize(k, dim=-1).to(v.dtype)
         if cache is not None:  # inference: attend to all cached scales plus this one, no mask
             k, v = cache.update(k, v)
-            k, v = k.to(q.dtype), v.to(q.dtype)  # no-op unless the cache dtype differs (autocast)
+            k, v = k.to(q.dtype), v.to(q.dtype)  # no-op when the cache has the compute dtype
         dropout_p = self.attn_drop if self.training else 0.0
         out = attend(q, k, v, mask, self.scale, dropout_p)  # (B, H, L, c)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, L, C)))
@@ -491,16 +494,19 @@ class VAR(nn.Module):
         """(1, L, C) level + position embedding of every token."""
         return self.lvl_embed(self.lvl_1L) + self.pos_1LC
 
-    def first_scale_input(self, cond_BD: torch.Tensor) -> torch.Tensor:
-        """Input tokens of scale 0: class token + pos_start + level/position, (B, first_l, C)."""
+    def first_scale_input(self, cond_BD: torch.Tensor, lvl_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Input tokens of scale 0: class token + pos_start + level/position, (B, first_l, C).
+        lvl_pos: `lvl_pos()` computed once by the caller (the sampler), else computed here."""
         B = cond_BD.shape[0]
+        lvl_pos = self.lvl_pos() if lvl_pos is None else lvl_pos
         return (cond_BD.unsqueeze(1).expand(B, self.first_l, -1) + self.pos_start.expand(B, self.first_l, -1)
-                + self.lvl_pos()[:, :self.first_l])
+                + lvl_pos[:, :self.first_l])
 
-    def scale_input(self, x_BlCv: torch.Tensor, si: int) -> torch.Tensor:
+    def scale_input(self, x_BlCv: torch.Tensor, si: int, lvl_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Input tokens of scale si ≥ 1 from the area-downsampled f̂ (B, pn², Cv) -> (B, pn², C)."""
         bg, ed = self.begin_ends[si]
-        return self.word_embed(x_BlCv) + self.lvl_pos()[:, bg:ed]
+        lvl_pos = self.lvl_pos() if lvl_pos is None else lvl_pos
+        return self.word_embed(x_BlCv) + lvl_pos[:, bg:ed]
 
     def forward_step(self, cond_BD: torch.Tensor, x_BlC: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
         """One scale of autoregressive inference: x_BlC (B, l, C) the scale's input tokens (from

@@ -304,9 +304,9 @@ def bench_sample(var, tokenizer, settings, *, batch: int, steps: int, warmup: in
     device = var.pos_1LC.device
     nc = var.num_classes
 
-    def one(b: int, first_seed: int = 0):
+    def one(b: int, first_seed: int = 0, s=settings):
         labels = torch.arange(first_seed, first_seed + b) % nc
-        return sample_batch(var, tokenizer, labels, list(range(first_seed, first_seed + b)), settings, decode=False)
+        return sample_batch(var, tokenizer, labels, list(range(first_seed, first_seed + b)), s, decode=False)
 
     for i in range(warmup):
         decode_images(tokenizer, one(batch, i * batch).f_hat)
@@ -328,8 +328,9 @@ def bench_sample(var, tokenizer, settings, *, batch: int, steps: int, warmup: in
         "peak_memory": mem.summary(),
     }
     if flops:
-        f_model = count_flops(lambda: one(1))
-        res = one(1)
+        eager = settings.model_copy(update={"compile": "off"})  # FlopCounterMode sees eager ops only
+        f_model = count_flops(lambda: one(1, s=eager))
+        res = one(1, s=eager)
         f_dec = count_flops(lambda: decode_images(tokenizer, res.f_hat))
         out["gflop_per_img"] = {"transformer": f_model / 1e9, "decode": f_dec / 1e9,
                                 "total": (f_model + f_dec) / 1e9}
@@ -385,7 +386,7 @@ def bench_train(preset, *, distill: bool = False, batch: int = 64, steps: int = 
                 device: Optional[str] = None, peak_tflops: Optional[float] = None,
                 flops: bool = True) -> Dict[str, Any]:
     """Time the real training loop (`train.loop.fit` with `VARTask`: autocast, backward, clipping,
-    fused AdamW on CUDA, the preset's compile / activation-checkpointing switches) on random tokens,
+    fused AdamW, the preset's compile / activation-checkpointing switches) on random tokens,
     no checkpoints written. `warmup` untimed steps (compilation happens there), then `steps` timed
     ones, each timed by the loop itself (it reads the loss back every step, so step times are real).
 
@@ -456,7 +457,7 @@ def count_train_flops(task, item, device: torch.device) -> int:
 def sample_benchmark(*, preset=None, ckpt: Optional[PathLike] = None, tokenizer: Optional[PathLike] = None,
                      device: torch.device, batch: int, steps: int, warmup: int, flops: bool,
                      cfg: Optional[float] = None, top_k: Optional[int] = None,
-                     top_p: Optional[float] = None) -> Dict[str, Any]:
+                     top_p: Optional[float] = None, compile: Optional[str] = None) -> Dict[str, Any]:
     """`fvar bench sample`: a preset with random-init weights (no checkpoint needed) or a var
     checkpoint with its tokenizer; the result document (machine, model, settings, results)."""
     if (preset is None) == (ckpt is None):
@@ -471,7 +472,7 @@ def sample_benchmark(*, preset=None, ckpt: Optional[PathLike] = None, tokenizer:
         models = load_models(ckpt, tokenizer, device)
         var, tok, p = models.var, models.tokenizer, models.preset
         source = {"source": "checkpoint", "preset": p.name, "checkpoint": models.identity["checkpoint"]}
-    settings = settings_from(p.sample, cfg=cfg, top_k=top_k, top_p=top_p)
+    settings = settings_from(p.sample, cfg=cfg, top_k=top_k, top_p=top_p, compile=compile)
     res = bench_sample(var, tok, settings, batch=batch, steps=steps, warmup=warmup, flops=flops)
     return {"benchmark": "sample", "created": utc_now(), "machine": machine(device),
             "model": {**source, "params": sum(x.numel() for x in var.parameters()), "depth": p.model.depth,

@@ -20,10 +20,13 @@ Guidance (`SampleConfig.cfg_mode`), with r = si/(K−1) (cfg_schedule 'linear', 
               scale: 1 = off; 'standard' cfg w is VAR's cfg w − 1)
 When guidance is off (var cfg 0, standard cfg 1) the null half is not run at all.
 
-Seeds: every image has its own seed. Its random numbers — one uniform per token per scale, plus
-VAR's gumbel noise with more_smooth — come from a CPU `torch.Generator` seeded with it, and tokens
-are drawn by inverse CDF from those uniforms, so an image does not depend on the batch it shares,
-on chunking or on the device (up to float rounding of the logits). The null-class half uses no
+Seeds: every image has its own seed. Its random numbers — one uniform per token per scale — come
+from a CPU `torch.Generator` seeded with it, and tokens are drawn by inverse CDF from those
+uniforms, so an image does not depend on the batch it shares, on chunking or on the device (up to
+float rounding of the logits). VAR's gumbel noise with more_smooth (V numbers per token) is drawn
+on the model's device, from the image's generator on the CPU and from a device generator seeded
+with the same seed elsewhere: batch-independent too, but a more_smooth image differs between CPU
+and GPU. The null-class half uses no
 randomness. This is not the official RNG stream, so stochastic samples differ from the official
 code's for the same seed; greedy (top_k 1) and teacher-forced runs match it either way.
 
@@ -274,10 +277,15 @@ def sample_batch(var, tokenizer, labels: torch.Tensor, seeds: Sequence[int], set
     if known is not None:
         known = [k.to(device) for k in known]
         known_mask = [m.to(device) for m in known_mask]
+    # more_smooth's gumbel noise: per image, on the model's device (on the CPU: the image's generator,
+    # continuing after its uniforms; elsewhere a device generator seeded with the same seed)
+    noise_gens = gens if device.type == "cpu" else [torch.Generator(device).manual_seed(int(s)) for s in seeds]
+    step = step_function(var, settings.compile)
     with amp:
-        x = var.first_scale_input(cond_BD)
+        lvl_pos = var.lvl_pos()  # (1, L, C), once per batch
+        x = var.first_scale_input(cond_BD, lvl_pos)
         for si, pn in enumerate(pns):
-            logits = var.forward_step(cond_BD, x, cache).float()  # (2B or B, l, V)
+            logits = step(cond_BD, x, cache).float()  # (2B or B, l, V)
             if guided:
                 logits = guide(logits[:B], logits[B:], si, K, settings)
             if official:
@@ -293,8 +301,9 @@ def sample_batch(var, tokenizer, labels: torch.Tensor, seeds: Sequence[int], set
                 if official:  # one draw of the logits' shape from the batch's generator, after the tokens
                     gumbel = -torch.empty_like(filtered).exponential_(generator=batch_gen).log()
                 else:
-                    expo = torch.stack([torch.empty(pn * pn, E.shape[0]).exponential_(generator=g) for g in gens])
-                    gumbel = -expo.to(device).log()
+                    expo = torch.stack([torch.empty(pn * pn, E.shape[0], device=device).exponential_(generator=g)
+                                        for g in noise_gens])
+                    gumbel = -expo.log()
                 h = ((filtered * (1 + ratio) + gumbel) / tau).softmax(-1) @ E  # (B, l, Cv)
             else:
                 h = F.embedding(idx, E)  # (B, l, Cv)
@@ -308,11 +317,28 @@ def sample_batch(var, tokenizer, labels: torch.Tensor, seeds: Sequence[int], set
             with torch.autocast(device.type, enabled=False):  # the VQ side in float32 (cheap: Cv × P²)
                 f_hat, nxt = quant.next_ar_input(si, f_hat, h_BChw)
             if si < K - 1:
-                x = var.scale_input(nxt.flatten(2).transpose(1, 2), si + 1)  # (B, l', C)
+                x = var.scale_input(nxt.flatten(2).transpose(1, 2), si + 1, lvl_pos)  # (B, l', C)
                 if guided:
                     x = x.repeat(2, 1, 1)
     images = decode_images(tokenizer, f_hat).cpu() if decode else None
     return SampleResult([t.cpu() for t in tokens], images, f_hat)
+
+
+def step_function(var, mode: str) -> Callable:
+    """var.forward_step, or (mode 'default' / 'reduce-overhead') its torch.compile, made once per
+    model and mode. Every scale has static shapes — its token count, the prefix it attends to, the
+    preallocated cache — so each scale compiles to one graph on first use and never again; the
+    compile cache is raised to hold one entry per scale (and both batch halves)."""
+    if mode == "off":
+        return var.forward_step
+    cached = var.__dict__.setdefault("_compiled_steps", {})
+    if mode not in cached:
+        import torch._dynamo
+
+        need = 4 * len(var.patch_nums)  # one graph per scale, with headroom for two batch sizes
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, need)
+        cached[mode] = torch.compile(var.forward_step, mode=mode, dynamic=False)
+    return cached[mode]
 
 
 def _is_oom(e: BaseException) -> bool:
