@@ -141,6 +141,7 @@ def test_bad_kind_and_radius_raise():
         blur(torch.rand(3, 8, 8), "disk", 1.0)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("rho", [0.0, 1.4, 3.0, 12.0])
 @pytest.mark.parametrize("kind", ["disk", "gaussian"])

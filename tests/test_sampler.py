@@ -347,3 +347,25 @@ def test_level_and_position_embeddings_are_made_once_per_batch(tiny, monkeypatch
     monkeypatch.setattr(var, "lvl_pos", lambda: calls.append(1) or real())
     sample(var, tok, [1, 2, 3], [0, 1, 2], SampleConfig(cfg=1.5, top_k=0, top_p=0.0), decode=False, batch_size=2)
     assert len(calls) == 2  # two batches
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bf16_cuda_sampling_of_a_seed_does_not_depend_on_the_batch(tiny):
+    """On CUDA the transformer runs in bf16 with a bf16 KV cache: an image's tokens at batch 1 and 7
+    are those at batch 16 (bf16 kernels may pick batch-dependent algorithms: if a near-tie flips a
+    token, this fails and says how many), and the same call twice is bitwise the same."""
+    var, tok = tiny
+    var, tok = var.cuda(), tok.cuda()
+    try:
+        settings = SampleConfig(cfg=1.5, top_k=20, top_p=0.9)
+        labels, seeds = [i % 10 for i in range(16)], [100 + i for i in range(16)]
+        runs = {b: sample(var, tok, labels, seeds, settings, batch_size=b, decode=False) for b in (16, 7, 1)}
+        for b in (7, 1):
+            same = sum(int((runs[b].tokens[k] == runs[16].tokens[k]).sum()) for k in range(len(TINY_PN)))
+            total = sum(t.numel() for t in runs[16].tokens)
+            assert same == total, f"batch {b}: {total - same} of {total} tokens differ from batch 16"
+        again = sample(var, tok, labels, seeds, settings, batch_size=16, decode=False)
+        assert all(torch.equal(a, b) for a, b in zip(again.tokens, runs[16].tokens))
+    finally:
+        var.cpu(), tok.cpu()

@@ -304,6 +304,7 @@ def test_model_never_builds_a_per_batch_mask(model):
     assert mask.data_ptr() == model.attn_bias_for_masking.data_ptr()
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's fused kernel needs CUDA")
 def test_flex_on_cuda_matches_sdpa(manifest, ref):
     model = build_keyed_model(manifest, attn_backend="auto").cuda()
@@ -316,6 +317,30 @@ def test_flex_on_cuda_matches_sdpa(manifest, ref):
         sdpa = model(lab, x)
     assert (flex - sdpa).abs().max() < 1e-3
     assert (flex.cpu().argmax(-1) == vf["fp"]["argmax"]).float().mean() > 0.99
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's fused kernel needs CUDA")
+@pytest.mark.parametrize("checkpointing", ["off", "pointwise"])
+def test_flex_training_gradients_on_cuda_match_sdpa(manifest, ref, checkpointing):
+    """The training path on CUDA (FlexAttention's block-sparse kernel, forward and backward, with and
+    without pointwise checkpointing) against SDPA's dense mask: same loss and gradients."""
+    vf = ref["var_forward"]
+    lab, x = vf["labels"].cuda(), vf["x_BLCv_wo_first_l"].cuda()
+    grads = {}
+    for backend in ("flex", "sdpa"):
+        model = build_keyed_model(manifest, attn_backend=backend).cuda().train()
+        model.cond_drop = 0.0
+        for blk in model.blocks:
+            blk.drop_path.p = 0.0
+        model.activation_checkpointing = checkpointing
+        loss = model(lab, x).float().logsumexp(-1).mean()
+        loss.backward()
+        grads[backend] = (loss.detach(), [p.grad.detach().clone() for p in model.parameters()])
+    (lf, gf), (ls, gs) = grads["flex"], grads["sdpa"]
+    assert (lf - ls).abs() < 1e-4
+    for a, b in zip(gf, gs):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------

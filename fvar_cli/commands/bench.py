@@ -100,3 +100,30 @@ def sample_cmd(
                f"({mem['kind']})" + (f"; {res['gflop_per_img']['total']:.2f} GFLOP/img"
                                      if "gflop_per_img" in res else ""))
     _write(json_out, doc)
+
+
+@app.command("tokenize")
+def tokenize_cmd(
+    preset: str = PresetOption,
+    overrides: Optional[List[str]] = SetOption,
+    batch: int = typer.Option(16, "--batch", "-b", min=1, help="Images per encode call."),
+    steps: int = typer.Option(3, "--steps", min=1, help="Timed batches (after one untimed warm-up)."),
+    precision: str = typer.Option("fp32", "--encode-precision", help="fp32, bf16 or tf32 (as `fvar tokenize`)."),
+    encode_chunk: Optional[int] = typer.Option(None, "--encode-chunk", min=1,
+                                               help="Encoder rows per call (default: from free memory)."),
+    device: str = DeviceOption,
+    json_out: Optional[Path] = JsonOption,
+) -> None:
+    """`fvar tokenize`'s encode on random images: img/s, encoder passes per image, peak memory."""
+    from fvar_core.devices import pick_device
+    from fvar_core.pipelines.bench import tokenize_benchmark
+
+    dev = pick_device(device)
+    p = resolve(preset, overrides)
+    doc = tokenize_benchmark(p, device=dev, batch=batch, steps=steps, precision=precision, encode_chunk=encode_chunk)
+    res, mem = doc["results"], doc["results"]["peak_memory"]
+    typer.echo(f"tokenizing {p.name} ({p.resolution}px, ch {p.tokenizer.ch}, {p.pyramid.kernel} pyramid) on "
+               f"{doc['machine']['device']}, {precision}: {res['img_per_s']:.2f} img/s, "
+               f"{res['encoder_passes_per_image']} encoder passes per image; peak memory {mem['peak_gib']:.2f} GiB "
+               f"({mem['kind']})")
+    _write(json_out, doc)

@@ -498,3 +498,46 @@ def train_benchmark(preset, *, device: torch.device, distill: bool, batch: int, 
                          "compile": p.train.compile_on(device.type),
                          "activation_checkpointing": p.train.checkpointing_on(device.type)},
             "results": res}
+
+
+# ------------------------------------------------------------------------------------------------
+# fvar bench tokenize
+# ------------------------------------------------------------------------------------------------
+
+def tokenize_benchmark(preset, *, device: torch.device, batch: int, steps: int, warmup: int = 1,
+                       precision: str = "fp32", encode_chunk: Optional[int] = None) -> Dict[str, Any]:
+    """`fvar bench tokenize`: the no-grad focus encode `fvar tokenize` runs per batch
+    (`Tokenizer.encode_with_pyramid`: every distinct focus view through the encoder, chunked, then
+    both codebooks) on random images with random-init weights; img/s, encoder passes per image and
+    peak memory. Data loading is not timed."""
+    from fvar_core.focus.pyramid import focus_images
+    from fvar_core.models.tokenizer import ENCODE_PRECISIONS
+
+    if precision not in ENCODE_PRECISIONS:
+        raise UserError(f"--encode-precision {precision!r}: choose {', '.join(ENCODE_PRECISIONS)}")
+    p = preset
+    torch.manual_seed(0)
+    tok = Tokenizer(p.tokenizer, p.patch_nums).to(device).eval()
+    tok.encode_chunk, tok.encode_precision = encode_chunk, precision
+    g = torch.Generator().manual_seed(0)
+    imgs = [(torch.rand(batch, 3, p.resolution, p.resolution, generator=g) * 2 - 1).to(device)
+            for _ in range(warmup + steps)]
+    times = Timings()
+    with torch.no_grad():
+        for x in imgs[:warmup]:
+            tok.encode_with_pyramid(x, p.pyramid, p.resolution)
+        with PeakMemory(device) as mem:
+            for x in imgs[warmup:]:
+                with Timer(device) as t:
+                    tok.encode_with_pyramid(x, p.pyramid, p.resolution)
+                times.add(t.seconds)
+    passes = len({id(v) for v in focus_images(imgs[0][:1], p.pyramid, p.patch_nums, p.resolution)}) \
+        if p.pyramid.space == "pixel" else 1  # distinct views = encoder rows per image
+    return {"benchmark": "tokenize", "created": utc_now(), "machine": machine(device),
+            "model": {"preset": p.name, "resolution": p.resolution, "ch": p.tokenizer.ch,
+                      "vocab": p.tokenizer.vocab_size, "alias_vocab": p.tokenizer.alias_tokens,
+                      "pyramid": p.pyramid.kernel},
+            "settings": {"batch": batch, "steps": steps, "warmup": warmup, "precision": precision,
+                         "encode_chunk": encode_chunk},
+            "results": {"img_per_s": batch / times.median, "batch_seconds": times.summary(),
+                        "encoder_passes_per_image": passes, "peak_memory": mem.summary()}}
