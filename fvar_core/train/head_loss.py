@@ -94,29 +94,24 @@ class _FusedHeadLoss(torch.autograd.Function):
                     gw[part][0] += dw
                     gw[part][1] += db
 
+            def head_ce(part: str, h, w, b, hits, want_grad: bool, s: int, e: int):
+                """One network's chunk: its logits' CE (summed into acc), hits and gradient."""
+                hc = h[s:e].to(ct)
+                logits = at_least_fp32(F.linear(hc, w, b))  # (n, V)
+                hits[s:e] = logits.argmax(1) == y[s:e]
+                logp = F.log_softmax(logits, dim=1)
+                loss, g = _ce_grad(logp, y[s:e], eps)
+                acc[part] += loss
+                if want_grad:
+                    add_grad(part, g, hc, w)
+                return hc, logits, logp
+
             for s in range(0, N, rows):
                 e = min(N, s + rows)
-                yc = y[s:e]
-                hs = h_s[s:e].to(ct)
-                ls = at_least_fp32(F.linear(hs, ws, bs))  # (n, V)
-                hits_s[s:e] = ls.argmax(1) == yc
-                lp_s = F.log_softmax(ls, dim=1)
-                loss, g = _ce_grad(lp_s, yc, eps)
-                acc["ce_s"] += loss
-                if grads_s:
-                    add_grad("ce_s", g, hs, ws)
-                del g
+                hs, ls, lp_s = head_ce("ce_s", h_s, ws, bs, hits_s, grads_s, s, e)
                 if not teach:
                     continue
-                ht = h_t[s:e].to(ct)
-                lt = at_least_fp32(F.linear(ht, wt, bt))
-                hits_t[s:e] = lt.argmax(1) == yc
-                lp_t = F.log_softmax(lt, dim=1)
-                loss, g = _ce_grad(lp_t, yc, eps)
-                acc["ce_t"] += loss
-                if grads_t:
-                    add_grad("ce_t", g, ht, wt)
-                del g
+                _, lt, lp_t = head_ce("ce_t", h_t, wt, bt, hits_t, grads_t, s, e)
                 if want_kd:
                     lq_s, lq_t = (lp_s, lp_t) if T == 1.0 else (F.log_softmax(ls / T, 1), F.log_softmax(lt / T, 1))
                     q_t = lq_t.exp()
