@@ -547,8 +547,10 @@ def _train(task: Task, model: nn.Module, opt: torch.optim.Optimizer, loader: Any
             window.add(metrics)
 
             report = done % cfg.log_every == 0 or done == cfg.steps
-            do_sample = bool(cfg.sample_every and done % cfg.sample_every == 0 and main and hasattr(task, "on_sample"))
-            if report or do_sample or saver.due(done):  # these read values on the host anyway
+            sample_due = bool(cfg.sample_every and done % cfg.sample_every == 0 and hasattr(task, "on_sample"))
+            do_sample = sample_due and main
+            # every rank checks at the same steps (a rank that stopped alone would hang the others)
+            if report or sample_due or saver.due(done):  # these read values on the host anyway
                 _raise_if_bad(pending, saver.last)
                 pending = None
             if report:
