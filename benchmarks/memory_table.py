@@ -21,6 +21,7 @@ import argparse
 import json
 
 import torch
+from torch.utils.data import default_collate
 
 from fvar_core.models.teacher import Teacher
 from fvar_core.models.tokenizer import Tokenizer
@@ -57,7 +58,7 @@ def proxy_activation_bytes(preset, distill: bool, depth: int) -> dict:
     B = PROXY_BATCH
     data = RandomTokens(B, p.seq_len, p.tokenizer.vocab_size, p.tokenizer.alias_tokens if distill else 0,
                         p.model.num_classes)
-    b = [torch.stack([torch.as_tensor(data[i][j]) for i in range(B)]) for j in range(3)]
+    b = default_collate([data[i] for i in range(B)])
     out = {}
     nets = [task.student] + ([task.teacher.net] if task.teacher is not None else [])
     for mode in MODES:

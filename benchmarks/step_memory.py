@@ -18,6 +18,7 @@ import statistics
 import time
 
 import torch
+from torch.utils.data import default_collate
 
 from fvar_core.models.tokenizer import Tokenizer
 from fvar_core.pipelines.bench import RandomTokens, TensorMemory, machine
@@ -61,7 +62,7 @@ def main() -> None:
     model.train()
     data = RandomTokens(a.batch, p.seq_len, p.tokenizer.vocab_size, p.tokenizer.alias_tokens if a.distill else 0,
                         p.model.num_classes)
-    batch = [torch.stack([torch.as_tensor(data[i][j]) for i in range(a.batch)]) for j in range(3)]
+    batch = default_collate([data[i] for i in range(a.batch)])
     nets = [task.student] + ([task.teacher.net] if task.teacher is not None else [])
     modes = {"before": (old_step, "off", False), "now": (VARTask.step, task.checkpointing, True)}
     opts = {m: torch.optim.AdamW(var_param_groups(model), lr=1e-6, fused=fused) for m, (_, _, fused) in modes.items()}

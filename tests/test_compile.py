@@ -2,6 +2,7 @@
 recompiles after the first steps, and the eager loss."""
 import pytest
 import torch
+from torch.utils.data import default_collate
 
 from fvar_core.pipelines.bench import RandomTokens
 from fvar_core.presets import load_preset
@@ -26,7 +27,7 @@ def _losses(distill: bool, compiled: bool):
     losses, graphs = [], []
     for s in range(STEPS):
         items = [data[4 * s + i] for i in range(4)]
-        batch = [torch.stack([torch.as_tensor(it[j]) for it in items]) for j in range(3)]
+        batch = default_collate(items)
         loss, _ = task.step(batch, s)
         loss.backward()
         opt.step()

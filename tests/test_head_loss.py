@@ -1,6 +1,7 @@
 """The chunked head losses (`train.head_loss`) against the full-logits definition (`train.distill`)."""
 import pytest
 import torch
+from torch.utils.data import default_collate
 import torch.nn as nn
 
 from fvar_core.config import TeacherConfig
@@ -76,7 +77,7 @@ def _task(distill: bool):
     model.train()
     data = RandomTokens(4, p.seq_len, p.tokenizer.vocab_size, p.tokenizer.alias_tokens if distill else 0,
                         p.model.num_classes)
-    batch = [torch.stack([torch.as_tensor(data[i][j]) for i in range(4)]) for j in range(3)]
+    batch = default_collate([data[i] for i in range(4)])
     return task, model, batch
 
 
