@@ -60,7 +60,7 @@ def test_student_alone_gets_no_teacher_terms_and_unused_parts_send_no_gradient()
     assert out.student_ce.item() == pytest.approx(ref.item(), rel=1e-12)
     # teacher CE off (the teacher_ce ablation): the teacher's head gets no gradient from its CE
     cfg = TeacherConfig(teacher_ce=False, lambda_feat=0.0, lambda_logit=1.0)
-    both = head_losses(hs, head_s, y, h_t=ht, head_t=head_t, kd_temperature=1.0)
+    both = head_losses(hs, head_s, y, h_t=ht, head_t=head_t, kd_temperature=1.0, teacher_ce=False)
     total, parts = loss_parts(both, None, cfg, tail=1)
     assert "teacher_ce" not in parts
     g = _grads(total, [ht, head_t.weight])

@@ -67,12 +67,13 @@ class _FusedHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, y, eps: float, temperature: float, want_kd: bool,
-                rows: int):
+                teacher_ce: bool, rows: int):
         N = h_s.shape[0]
         ct = _compute_dtype(h_s)
         teach = h_t is not None
         need = ctx.needs_input_grad
-        grads_s, grads_t = need[0] or need[1] or need[2], teach and (need[3] or need[4] or need[5])
+        # the teacher's CE trains it only when it is in the loss (teacher_ce): otherwise no gradient work
+        grads_s, grads_t = need[0] or need[1] or need[2], teach and teacher_ce and (need[3] or need[4] or need[5])
         T = float(temperature)
         acc = {k: torch.zeros((), dtype=at_least_fp32(h_s).dtype, device=h_s.device) for k in ("ce_s", "ce_t", "kd")}
         # per part: gradient of the part w.r.t. (h, W, b), each for one token-mean of the part
@@ -146,15 +147,16 @@ class _FusedHeadLoss(torch.autograd.Function):
         add(0, "ce_s", g_ce_s)
         add(0, "kd", g_kd)
         add(3, "ce_t", g_ce_t)
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None)
 
 
 def head_losses(h_s: torch.Tensor, head_s: torch.nn.Linear, target: torch.Tensor, *,
                 h_t: Optional[torch.Tensor] = None, head_t: Optional[torch.nn.Linear] = None,
                 label_smoothing: float = 0.0, kd_temperature: Optional[float] = None,
-                rows: Optional[int] = None) -> HeadLosses:
+                teacher_ce: bool = True, rows: Optional[int] = None) -> HeadLosses:
     """h_s (B, L, C) the student's head input, target (B, L); with h_t/head_t the teacher's too;
-    kd_temperature: also T²·KL(p_t^T ‖ p_s^T) (None: no KL). Token means, as `distill.distill_loss`."""
+    kd_temperature: also T²·KL(p_t^T ‖ p_s^T) (None: no KL); teacher_ce False: the teacher's CE is
+    reported but sends no gradient (and none is computed). Token means, as `distill.distill_loss`."""
     C = h_s.shape[-1]
     y = target.reshape(-1)
     rows = rows or chunk_rows(head_s.out_features)
@@ -162,7 +164,7 @@ def head_losses(h_s: torch.Tensor, head_s: torch.nn.Linear, target: torch.Tensor
     ce_s, ce_t, kd, hits_s, hits_t = _FusedHeadLoss.apply(
         h_s.reshape(-1, C), head_s.weight, head_s.bias,
         h_t.reshape(-1, C) if teach else None, head_t.weight if teach else None, head_t.bias if teach else None,
-        y, float(label_smoothing), float(kd_temperature or 1.0), kd_temperature is not None, rows)
+        y, float(label_smoothing), float(kd_temperature or 1.0), kd_temperature is not None, teacher_ce, rows)
     shape = target.shape
     return HeadLosses(ce_s, hits_s.view(shape), ce_t, hits_t.view(shape) if teach else None, kd)
 

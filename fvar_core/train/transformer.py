@@ -243,7 +243,8 @@ class VARTask:
             return loss_parts(out, None, t_cfg, sizes[-1])
         h, s_feats, h_t, t_feats = self.run(label, x_in, alias, head=False)
         out = head_losses(h, self.student.head, structure, h_t=h_t, head_t=self.teacher.net.head,
-                          kd_temperature=t_cfg.kd_temperature if t_cfg.lambda_logit > 0 else None, **kw)
+                          kd_temperature=t_cfg.kd_temperature if t_cfg.lambda_logit > 0 else None,
+                          teacher_ce=t_cfg.teacher_ce, **kw)
         feat = feature_alignment(s_feats, t_feats) if t_cfg.lambda_feat > 0 else None
         return loss_parts(out, feat, t_cfg, sizes[-1])
 
