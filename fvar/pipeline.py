@@ -3,6 +3,8 @@
     pipe = fvar.Pipeline.from_pretrained("runs/d16")             # a run, or a var checkpoint folder
     pipe = fvar.Pipeline.from_pretrained("var_d16.pth", tokenizer="vae_ch160v4096z32.pth")  # official files
     images = pipe(classes=[207, 388], seed=0)                    # PIL images, one per class
+    pipe = fvar.Pipeline.from_pretrained("fmnist-32")            # the model bundled with fvar
+    images = pipe(classes=["sneaker", "ankle boot"], n=4)        # class names work wherever ids do
 
 Everything here is a thin layer over `fvar_core` (the same functions `fvar sample` / `fvar inpaint`
 call): loading checks that the tokenizer fits the transformer, sampling uses the preset's settings
@@ -16,17 +18,17 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 import torch
 from PIL import Image
 
-from fvar_core.checks import check_labels
 from fvar_core.config import Preset
 from fvar_core.data.images import fit_square, load_image
 from fvar_core.data.images import to_pil as image_to_pil
 from fvar_core.errors import UserError
 from fvar_core.sample.inpaint import box_mask, edit, encode_known, load_mask, prepare_inpaint
-from fvar_core.sample.loading import Models, class_names_for, open_models
+from fvar_core.sample.loading import Models, open_models
 from fvar_core.sample.sampler import decode_images, sample, settings_from
 
 PathLike = Union[str, Path]
 ImageLike = Union[PathLike, Image.Image, torch.Tensor]
+Classes = Union[int, str, Sequence[Union[int, str]]]  # ids, names, or '--class' text such as "sneaker,0-3"
 
 
 def _to_tensor(image: ImageLike) -> torch.Tensor:
@@ -77,45 +79,43 @@ class Pipeline:
 
     @property
     def class_names(self) -> Optional[List[str]]:
-        """The run's class names (classes.json), when it has them."""
-        return class_names_for(self.models.var_ckpt.path)
+        """The classes' names (the checkpoint's classes.json; ImageNet's for a 1,000-class official
+        model), which `sample`/`inpaint` accept in place of ids; None when unknown."""
+        return self.models.class_names
 
     @property
     def resolution(self) -> int:
         return self.preset.resolution
 
     # ------------------------------------------------------------------------------ generate
-    def __call__(self, classes: Union[int, Sequence[int]], **kwargs: Any):
+    def __call__(self, classes: Classes, **kwargs: Any):
         """`sample(classes, ...)`."""
         return self.sample(classes, **kwargs)
 
-    def sample(self, classes: Union[int, Sequence[int]], *, n: int = 1, seed: int = 0, output: str = "pil",
+    def sample(self, classes: Classes, *, n: int = 1, seed: int = 0, output: str = "pil",
                batch_size: Optional[int] = None, **settings: Any):
-        """n images of each class (in the order given; num_classes = unconditional). Image i has
+        """n images of each class (ids or names, in the order given; num_classes = unconditional). Image i has
         seed seed + i. settings: any `SampleConfig` field (cfg, top_k, top_p, more_smooth, rng, …),
         default the checkpoint's preset. output 'pil' (list of PIL images) or 'tensor' ((N, 3, H, W)
         in [0, 1]; the per-scale tokens are `sample_tokens`)."""
         return self._output(self._sample(classes, n, seed, batch_size, settings).images, output)
 
-    def sample_tokens(self, classes: Union[int, Sequence[int]], *, n: int = 1, seed: int = 0,
+    def sample_tokens(self, classes: Classes, *, n: int = 1, seed: int = 0,
                       batch_size: Optional[int] = None, **settings: Any) -> List[torch.Tensor]:
         """The per-scale tokens `sample` would draw: K tensors (N, pn_k²) long."""
         return self._sample(classes, n, seed, batch_size, settings, decode=False).tokens
 
-    def _sample(self, classes: Union[int, Sequence[int]], n: int, seed: int, batch_size: Optional[int],
+    def _sample(self, classes: Classes, n: int, seed: int, batch_size: Optional[int],
                 settings: dict, decode: bool = True):
         """n images of each class, image i with seed seed + i (the `fvar sample` rule)."""
-        labels = [int(c) for c in ([classes] if isinstance(classes, int) else classes) for _ in range(n)]
-        if not labels:
-            raise UserError("no class given")
-        check_labels(labels, self.num_classes, "classes", allow_null=True)
+        labels = [c for c in self.models.class_ids(classes, "classes") for _ in range(n)]
         cfg = settings_from(self.preset.sample, **settings)
         m = self.models
         return sample(m.var, m.tokenizer, labels, [seed + i for i in range(len(labels))], cfg,
                       batch_size=batch_size, decode=decode)
 
     def inpaint(self, image: ImageLike, *, box: Optional[Tuple[int, int, int, int]] = None,
-                mask: Optional[Union[PathLike, torch.Tensor]] = None, cls: Optional[int] = None, seed: int = 0,
+                mask: Optional[Union[PathLike, torch.Tensor]] = None, cls: Optional[Union[int, str]] = None, seed: int = 0,
                 output: str = "pil", **settings: Any):
         """Regenerate a region of `image` (VAR's zero-shot editing): `box` = (x0, y0, x1, y1) in the
         image's pixels, or `mask` (a path: white = generate; or an (H, W) bool tensor, True =
@@ -130,8 +130,7 @@ class Pipeline:
             generate = mask.bool()
         else:
             generate = load_mask(mask, W, H)
-        label = self.num_classes if cls is None else int(cls)
-        check_labels([label], self.num_classes, "cls", allow_null=True)
+        label = self.num_classes if cls is None else self.models.class_ids([cls], "cls")[0]
         inp = prepare_inpaint(img, generate, self.resolution, self.preset.patch_size)
         res = edit(self.models.var, self.models.tokenizer, inp, label, seed, settings_from(self.preset.sample, **settings),
                    self.preset.pyramid)

@@ -9,6 +9,7 @@ from typing import List, Optional, Sequence, Union
 
 import numpy as np
 
+from fvar_core.classnames import class_id
 from fvar_core.config import Preset
 from fvar_core.errors import UserError
 
@@ -28,26 +29,43 @@ def check_labels(labels: Union[np.ndarray, Sequence[int]], num_classes: int, whe
                         f"(0-{num_classes - 1}{null})" + (f"; {hint}" if hint else ""))
 
 
-def parse_classes(spec: str, num_classes: int) -> List[int]:
-    """`--class` text → class ids: '207', '1,207,388', '0-9', 'uncond' (= num_classes), mixed."""
+def parse_classes(spec: Union[str, int, Sequence[Union[str, int]]], num_classes: int,
+                  names: Optional[Sequence[str]] = None, where: str = "--class") -> List[int]:
+    """Classes as people give them → class ids. A string: '207', '1,207,388', '0-9', 'uncond'
+    (= num_classes), and — with `names`, the model's class names — names ('sneaker,ankle boot';
+    `classnames.class_id`'s matching), mixed. A sequence (the Python API): each item an id (the
+    id num_classes is the unconditional class, as the sampler takes it) or one name."""
+    parts = ([p.strip() for p in spec.split(",")] if isinstance(spec, str)
+             else [spec] if isinstance(spec, int) else list(spec))
     out: List[int] = []
     numbered: List[int] = []  # ids given as numbers: num_classes itself is not one ('uncond' is)
-    for part in (p.strip() for p in str(spec).split(",")):
+    for part in parts:
+        if isinstance(part, (int, np.integer)) and not isinstance(part, bool):
+            out.append(int(part))
+            if int(part) != num_classes:
+                numbered.append(int(part))
+            continue
+        if not isinstance(part, str):
+            raise UserError(f"{where}: a class is an id or a name, not {type(part).__name__} {part!r}")
         if part.lower() in NULL_CLASS_NAMES:
             out.append(num_classes)
             continue
         m = re.fullmatch(r"(\d+)\s*-\s*(\d+)", part) or re.fullmatch(r"(\d+)", part)
         if not m:
-            raise UserError(f"--class {spec!r}: expected ids like 207, 1,207,388 or 0-9 (or 'uncond')")
+            if names is None:
+                raise UserError(f"{where} {part!r}: this model's classes have no names; give ids like 207, "
+                                f"1,207,388 or 0-9 (or 'uncond')")
+            out.append(class_id(part, names, where))
+            continue
         lo = int(m.group(1))
         hi = int(m.group(2)) if m.lastindex == 2 else lo
         if hi < lo:
-            raise UserError(f"--class {part}: empty range")
+            raise UserError(f"{where} {part}: empty range")
         out.extend(range(lo, hi + 1))
         numbered.extend((lo, hi))
     if not out:
-        raise UserError("--class: no class given")
-    check_labels(numbered, num_classes, "--class", hint="'uncond' for unconditional")
+        raise UserError(f"{where}: no class given")
+    check_labels(numbered, num_classes, where, hint="'uncond' for unconditional")
     return out
 
 

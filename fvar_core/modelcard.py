@@ -9,7 +9,7 @@ and whom to cite. It is documentation: editing it never invalidates the checkpoi
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import yaml
 
@@ -88,17 +88,47 @@ def model_card(kind: str, preset: Optional[Preset], provenance: Mapping[str, Any
             lines += ["## Metrics at save time", "", "| metric | value |", "|---|---|"]
             lines += [f"| {k} | {v:.6g} |" for k, v in shown_m.items()]
             lines.append("")
+    release = provenance.get("release")
+    where = "PATH/TO/THIS/FOLDER"
+    if isinstance(release, Mapping):
+        where = str(release.get("name", where))
+        lines += _release_section(release)
     if preset is not None and kind == "var":
         s = preset.sample
         lines += ["## Use", "", "```bash",
-                  "fvar sample --ckpt PATH/TO/THIS/FOLDER --class 0 --n 8",
+                  f"fvar sample --ckpt {where} --class 0 --n 8",
                   "```", "", "```python", "import fvar", "",
-                  'pipe = fvar.Pipeline.from_pretrained("PATH/TO/THIS/FOLDER")',
+                  f'pipe = fvar.Pipeline.from_pretrained("{where}")',
                   "images = pipe(classes=[0, 1], seed=0)", "```", "",
                   f"Sampling defaults (the preset's): cfg {s.cfg} ({s.cfg_mode}, {s.cfg_schedule} ramp), "
                   f"top-k {s.top_k}, top-p {s.top_p}, more_smooth {s.more_smooth}, rng {s.rng}.", ""]
     lines += ["## Citation", "", "```bibtex", CITATIONS, "```", ""]
     return "\n".join(lines)
+
+
+def _release_section(release: Mapping[str, Any]) -> List[str]:
+    """A bundled model's card: what it is, the command that trains it, how it scores."""
+    lines = ["## Bundled with fvar", "", f"`{release.get('name')}`: {release.get('summary', '')}".rstrip(), "",
+             "Trained from Fashion-MNIST's IDX files by one resumable command:", "", "```bash",
+             str(release.get("recipe")), "```", ""]
+    if release.get("precision") == "float16":
+        lines += ["Stored in float16 (loaded into float32 models); the tensors as trained have sha256 "
+                  f"`{str(release.get('trained_tensors_sha256'))[:16]}…` (docs/release.md says what the rounding "
+                  "changes).", ""]
+    rows = release.get("evaluation") or []
+    if rows:
+        lines += [f"Evaluation in the feature space of the bundled classifier `{release.get('classifier')}` "
+                  "against the 10,000 test images (100 samples per class, the preset's sampling defaults):", "",
+                  "| images | n | class acc. | FID | precision | recall | PSNR |", "|---|---|---|---|---|---|---|"]
+        for r in rows:
+            def f(k: str, fmt: str) -> str:
+                v = r.get(k)
+                return format(v, fmt) if isinstance(v, (int, float)) else "–"
+            acc = f"{100 * r['accuracy']:.1f}%" if isinstance(r.get("accuracy"), (int, float)) else "–"
+            lines.append(f"| {r.get('name')} | {r.get('n', '–')} | {acc} | {f('fid', '.2f')} | "
+                         f"{f('precision', '.3f')} | {f('recall', '.3f')} | {f('psnr', '.2f')} |")
+        lines.append("")
+    return lines
 
 
 def read_card_header(path: Path) -> Dict[str, Any]:

@@ -30,6 +30,7 @@ import yaml
 
 from fvar_core import envvars
 from fvar_core.atomic import atomic_write_bytes, check_writable, write_error
+from fvar_core.bundle import resolve_name
 from fvar_core.checkpoints import WEIGHTS_NAME, read_checkpoint_config, verify_checkpoint
 from fvar_core.hashing import file_sha256
 from fvar_core.config import Preset
@@ -73,8 +74,9 @@ def newest_usable(run: Path, what: str = "checkpoint") -> Optional[Path]:
 
 
 def resolve_checkpoint(path: PathLike, what: str = "checkpoint") -> Path:
-    """A checkpoint directory from a checkpoint or a run directory (→ its newest usable checkpoint)."""
-    p = Path(path)
+    """A checkpoint directory from a checkpoint, a run directory (→ its newest usable checkpoint) or
+    the name of a model bundled with fvar (`bundle.resolve_name`: verified, unless a path of that name exists)."""
+    p = resolve_name(path)
     if p.is_dir() and not (p / "config.json").is_file() and (p / "checkpoints").is_dir():
         ck = newest_usable(p, what)
         if ck is None:

@@ -153,8 +153,10 @@ def test_output_paths_are_checked_before_anything_is_sampled(cli, tiny_ckpt, tmp
     assert not list(tmp_path.rglob("*.png"))
 
 
-def test_no_checkpoint_in_runs_dir_is_a_one_line_error(cli, tmp_path, monkeypatch):
+def test_no_checkpoint_in_runs_dir_and_no_bundle_is_a_one_line_error(cli, tmp_path, monkeypatch):
+    # (with the bundle, the release answers instead: tests/test_bundled.py)
     monkeypatch.setenv("FVAR_RUNS", str(tmp_path / "empty"))
+    monkeypatch.setattr("fvar_core.bundle.BUNDLE_DIR", tmp_path / "no-bundle")
     r = cli("sample", "--class", "1", "--out", str(tmp_path / "s"))
     assert r.code == 2
     assert "no var checkpoint under" in _err_line(r)

@@ -19,13 +19,20 @@ def download(
 ) -> None:
     """Fetch official weights by name (huggingface_hub's cache; offline: HF_HUB_OFFLINE=1 uses the
     cache only), check their sha256, and convert them into a ready var + tokenizer checkpoint pair."""
+    from fvar_core import bundle
     from fvar_core.errors import UserError
     from fvar_core.models import hub
 
     if list_:
+        for key in bundle.bundled_names():
+            m = bundle.manifest()["models"][key]
+            typer.echo(f"{key:14} bundled  {m.get('summary', m.get('kind', ''))} (inside fvar: nothing to download)")
         for key, e in sorted(hub.REGISTRY.items()):
             pin = e.var.revision if e.var.sha256 else f"{e.var.revision} (not pinned)"
-            typer.echo(f"{key:10} {e.var.repo_id}/{e.var.filename} + {e.vae.filename} @ {pin}")
+            typer.echo(f"{key:14} hub      {e.var.repo_id}/{e.var.filename} + {e.vae.filename} @ {pin}")
+        return
+    if bundle.is_bundled_name(name or ""):
+        typer.echo(f"{name} is bundled with fvar: use it by name (fvar sample --ckpt {name}); nothing to download")
         return
     if name is None:
         raise UserError("name the weights to download (fvar download --list shows them)")

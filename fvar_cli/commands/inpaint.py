@@ -12,8 +12,9 @@ from ..options import DeviceOption, writable_folder
 def inpaint(
     image: Path = typer.Option(..., "--image", "-i", help="The image to edit."),
     ckpt: Optional[Path] = typer.Option(
-        None, "--ckpt", "-c", help="var checkpoint or run folder, or an official var_d*.pth with --tokenizer "
-                                   "(default: the newest under $FVAR_RUNS or ./runs)."),
+        None, "--ckpt", "-c", help="var checkpoint or run folder, a bundled model (fmnist-32), or an official "
+                                   "var_d*.pth with --tokenizer (default: the newest under $FVAR_RUNS or ./runs, "
+                                   "else the bundled fmnist-32)."),
     box: Optional[str] = typer.Option(
         None, "--box", help="Region to generate, x0,y0,x1,y1 in the image's pixels (x1, y1 exclusive) or as "
                             "fractions (0.1,0.1,0.8,0.8)."),
@@ -25,7 +26,7 @@ def inpaint(
     fit: Optional[float] = typer.Option(
         None, "--fit", help="Outpainting: resize the image so its longer side is this fraction of the canvas "
                             "(e.g. 0.75) before centring it (default: its own size)."),
-    class_: Optional[str] = typer.Option(None, "--class", help="Class id to edit towards (default: unconditional)."),
+    class_: Optional[str] = typer.Option(None, "--class", help="Class id or name to edit towards (default: unconditional)."),
     seed: int = typer.Option(0, "--seed", min=0, help="Seed of the sampled tokens."),
     cfg: Optional[float] = typer.Option(None, "--cfg", help="Guidance strength (default: the preset's)."),
     cfg_mode: Optional[str] = typer.Option(None, "--cfg-mode", help="var or standard (see fvar sample)."),
@@ -43,19 +44,18 @@ def inpaint(
     keeping the image's own tokens everywhere else at every scale."""
     from fvar_core.errors import UserError
     from fvar_core.sample.inpaint import check_edit_request, edit_to_dir
-    from fvar_core.runs import newest_checkpoint
-    from fvar_core.checks import parse_classes
-    from fvar_core.sample.loading import open_models
+    from fvar_core.sample.loading import default_source, open_models
     from fvar_core.sample.sampler import settings_from
 
     check_edit_request(box=box, mask=mask, outpaint=outpaint, canvas=canvas, fit=fit)
     if ckpt is None:
-        ckpt = newest_checkpoint("var")
-        typer.echo(f"using the newest var checkpoint: {ckpt}")
+        ckpt = default_source(say=typer.echo)
+        if not isinstance(ckpt, str):
+            typer.echo(f"using the newest var checkpoint: {ckpt}")
     models = open_models(ckpt, tokenizer, device)
     label = None
     if class_ is not None:
-        ids = parse_classes(class_, models.var.num_classes)
+        ids = models.class_ids(class_)
         if len(ids) != 1:
             raise UserError(f"--class {class_}: inpainting takes one class")
         label = ids[0]

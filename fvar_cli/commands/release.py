@@ -33,3 +33,15 @@ def train(
         typer.echo(f"\n{name}: {sum(v for k, v in secs.items() if 'shared' not in k) / 60:.1f} min "
                    f"(+ {secs.get('data+classifier (shared)', 0) / 60:.1f} min shared)")
         typer.echo(format_table(rep))
+
+
+@app.command()
+def pack(
+    out: Path = typer.Argument(Path("release"), help="The folder `fvar release train` wrote."),
+    dest: Optional[Path] = typer.Option(None, "--dest", callback=writable_folder,
+                                        help="Bundle folder to write (default: the package's own, fvar_core/bundled)."),
+) -> None:
+    """Copy the trained release into the package: float16 weights, model cards, the manifest of sha256s."""
+    from fvar_core.pipelines.release import pack_release
+
+    pack_release(out, dest, say=typer.echo)

@@ -11,10 +11,11 @@ from ..options import DeviceOption, SampleCompileOption, writable_file, writable
 
 def sample(
     ckpt: Optional[Path] = typer.Option(
-        None, "--ckpt", "-c", help="var checkpoint or run folder, or an official var_d*.pth with --tokenizer "
-                                   "vae_ch160v4096z32.pth (default: the newest var checkpoint under $FVAR_RUNS "
-                                   "or ./runs)."),
-    classes: str = typer.Option(..., "--class", help="Class ids: 207, 1,207,388, a range 0-9, or 'uncond'."),
+        None, "--ckpt", "-c", help="var checkpoint or run folder, a bundled model (fmnist-32, fmnist-32-var), a Hub "
+                                   "name, or an official var_d*.pth with --tokenizer vae_ch160v4096z32.pth (default: "
+                                   "the newest var checkpoint under $FVAR_RUNS or ./runs, else the bundled fmnist-32)."),
+    classes: str = typer.Option(..., "--class", help="Class ids or names: 207, 1,207,388, a range 0-9, "
+                                                    "sneaker,'ankle boot' (the model's class names), or 'uncond'."),
     n: int = typer.Option(8, "--n", "-n", min=1, help="Images per class."),
     cfg: Optional[float] = typer.Option(None, "--cfg", help="Guidance strength (default: the preset's, VAR 1.5)."),
     cfg_mode: Optional[str] = typer.Option(
@@ -44,19 +45,18 @@ def sample(
     device: str = DeviceOption,
 ) -> None:
     """Sample images of the given classes; defaults come from the checkpoint's preset (`sample:`)."""
-    from fvar_core.runs import newest_checkpoint
-    from fvar_core.checks import parse_classes
-    from fvar_core.sample.loading import open_models
+    from fvar_core.sample.loading import default_source, open_models
     from fvar_core.sample.outputs import progress_bar, sample_to_dir
     from fvar_core.sample.sampler import settings_from
 
     if ckpt is None:
-        ckpt = newest_checkpoint("var")
-        typer.echo(f"using the newest var checkpoint: {ckpt}")
+        ckpt = default_source(say=typer.echo)
+        if not isinstance(ckpt, str):
+            typer.echo(f"using the newest var checkpoint: {ckpt}")
     models = open_models(ckpt, tokenizer, device)
     settings = settings_from(models.preset.sample, cfg=cfg, cfg_mode=cfg_mode, cfg_schedule=cfg_schedule,
                              top_k=top_k, top_p=top_p, more_smooth=more_smooth, rng=rng, compile=compile_)
-    ids = parse_classes(classes, models.var.num_classes)
+    ids = models.class_ids(classes)
     ident = models.identity["checkpoint"]
     step = f", step {ident['step']}" if ident.get("step") is not None else ""
     typer.echo(f"{len(ids) * n} images ({len(ids)} class(es) × {n}) from {ident['path']} ({ident['preset']}{step}) "

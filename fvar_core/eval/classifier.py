@@ -39,6 +39,7 @@ from fvar_core.devices import pick_device
 from fvar_core.errors import UserError
 from fvar_core.data.images import open_rgb
 from fvar_core.hashing import tensors_sha256
+from fvar_core.runs import resolve_checkpoint
 
 PathLike = Union[str, Path]
 KIND = "classifier"
@@ -294,7 +295,7 @@ class LoadedClassifier:
 
 def load_classifier(path: PathLike, device: Optional[str] = None) -> LoadedClassifier:
     """A checkpoint written by `train_classifier` (the directory or a run holding it)."""
-    ck = load_checkpoint(path, expect_kind=KIND)
+    ck = load_checkpoint(resolve_checkpoint(path, "--feature-net"), expect_kind=KIND)
     info = ck.extra.get("classifier")
     if not isinstance(info, dict) or "config" not in info or "classes" not in info:
         raise UserError(f"{ck.path}: classifier checkpoint without its architecture (config.json 'classifier')")

@@ -16,10 +16,11 @@ last checkpoint):
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 from fvar_core.data.fashion_mnist import export
 from fvar_core.data.tokenize import tokenize_folder
@@ -131,3 +132,88 @@ def _train_one(out: Path, name: str, r: Recipe, shared_seconds: float, *, device
     write_report(report, report_path)
     (d / "report.md").write_text(format_table(report) + "\n", encoding="utf-8")
     return report
+
+
+# ------------------------------------------------------------------------------------------ pack
+CLASSIFIER_NAME = "fmnist"
+DEFAULT = "fmnist-32"
+
+
+def _half(state_dict: Dict[str, "torch.Tensor"]) -> Dict[str, "torch.Tensor"]:
+    """Floating tensors as float16 (the bundle's storage; loading upcasts into the float32 model)."""
+    import torch
+
+    out = {}
+    for k, v in state_dict.items():
+        if v.is_floating_point():
+            finite = v[torch.isfinite(v)]  # masks hold −inf, which float16 holds too
+            if finite.numel() and finite.abs().max() > torch.finfo(torch.float16).max:
+                raise UserError(f"{k} exceeds float16's range: it cannot be bundled in half precision")
+            v = v.half()
+        out[k] = v
+    return out
+
+
+def _rows(report: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The evaluation's rows, the numbers only (samples, real images, reconstructions)."""
+    keep = ("name", "accuracy", "fid", "precision", "recall", "psnr")
+    return [{**{k: r[k] for k in keep if k in r}, "n": r.get("count"), "kid": r.get("kid", {}).get("mean")}
+            for r in report.get("rows", [])]
+
+
+def pack_release(out: PathLike, dest: Optional[PathLike] = None, names: Sequence[str] = tuple(RECIPES),
+                 say: Callable[[str], None] = print) -> Path:
+    """Copy the trained release in `out` into the bundle folder `dest` (default `bundle.BUNDLE_DIR`):
+    each transformer (float16) with its tokenizer (float16) and class names, the classifier (float32,
+    tiny), model cards with the evaluation and the recipe, and manifest.json with every file's sha256."""
+    import torch  # noqa: F401  (the state dicts are torch tensors)
+
+    from fvar_core.bundle import BUNDLE_DIR, FORMAT, MANIFEST_NAME, VERSION
+    from fvar_core.checkpoints import load_checkpoint, save_checkpoint
+    from fvar_core.data.folders import write_class_index
+    from fvar_core.hashing import file_sha256, tensors_sha256
+    from fvar_core.runs import CLASS_INDEX, TOKENIZER_DIR, find_tokenizer, resolve_checkpoint
+
+    out = Path(out)
+    dest = Path(dest) if dest is not None else BUNDLE_DIR
+    export_info = json.loads((out / "data" / "fashion-mnist.json").read_text(encoding="utf-8"))
+    class_names = list(export_info["classes"])
+    models: Dict[str, Any] = {}
+    for name in names:
+        report_path = out / name / "report.json"
+        if not report_path.is_file():
+            raise UserError(f"{out / name} is not finished (no report.json): run `fvar release train {name}` first")
+        report = json.loads(report_path.read_text(encoding="utf-8"))
+        var = load_checkpoint(resolve_checkpoint(out / name / "transformer", "--ckpt"), expect_kind="var")
+        tok = load_checkpoint(find_tokenizer(var.path, var.provenance), expect_kind="tokenizer")
+        release = {"name": name, "summary": RECIPES[name].summary, "recipe": recipe_command(name),
+                   "precision": "float16", "evaluation": _rows(report),
+                   "seconds": report.get("recipe", {}).get("seconds"), "classifier": CLASSIFIER_NAME}
+        folder = dest / name
+        shutil.rmtree(folder, ignore_errors=True)
+        for ck, d in ((var, folder), (tok, folder / TOKENIZER_DIR)):  # the tokenizer inside the var folder
+            prov = {**ck.provenance, "release": {**release, "trained_tensors_sha256": tensors_sha256(ck.state_dict)}}
+            save_checkpoint(d, kind=ck.kind, preset=ck.preset, state_dict=_half(ck.state_dict), provenance=prov,
+                            classes=class_names)
+        write_class_index(folder / CLASS_INDEX, class_names)
+        models[name] = {"kind": "var", "path": name, "summary": RECIPES[name].summary, "precision": "float16",
+                        "recipe": recipe_command(name), "evaluation": release["evaluation"]}
+        say(f"{name}: step {var.provenance.get('step')} → {folder}")
+    clf = load_checkpoint(out / "classifier", expect_kind="classifier")
+    clf_dir = dest / CLASSIFIER_NAME
+    shutil.rmtree(clf_dir, ignore_errors=True)
+    save_checkpoint(clf_dir, kind="classifier", preset=None, state_dict=clf.state_dict,
+                    provenance={**clf.provenance, "release": {"name": CLASSIFIER_NAME, "recipe": "fvar release train "
+                                "(its classifier step)", "precision": "float32"}},
+                    extra=clf.extra, classes=class_names)
+    models[CLASSIFIER_NAME] = {"kind": "classifier", "path": CLASSIFIER_NAME, "precision": "float32",
+                               "summary": "feature network for fvar eval --feature-net (Fashion-MNIST, 32 px)",
+                               "recipe": "fvar release train (its classifier step)"}
+    for name, entry in models.items():
+        files = sorted(p for p in (dest / entry["path"]).rglob("*") if p.is_file())
+        entry["files"] = {p.relative_to(dest).as_posix(): file_sha256(p) for p in files}
+    manifest = {"format": FORMAT, "version": VERSION, "default": DEFAULT, "models": models}
+    (dest / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    total = sum((dest / rel).stat().st_size for e in models.values() for rel in e["files"])
+    say(f"bundle: {len(models)} models, {total / 1e6:.1f} MB → {dest}")
+    return dest

@@ -12,7 +12,9 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 
-from fvar_core.checks import check_tokenizer_fits
+from fvar_core.bundle import default_model
+from fvar_core.checks import check_tokenizer_fits, parse_classes
+from fvar_core.classnames import names_for
 from fvar_core.checkpoints import WEIGHTS_NAME, Checkpoint, load_checkpoint
 from fvar_core.data.folders import read_class_index
 from fvar_core.devices import pick_device
@@ -21,7 +23,7 @@ from fvar_core.hashing import file_sha256
 from fvar_core.models.hub import resolve_source
 from fvar_core.models.loading import build_tokenizer, build_var
 from fvar_core.models.official import OFFICIAL_SUFFIXES, load_official
-from fvar_core.runs import CLASS_INDEX, find_tokenizer, resolve_checkpoint
+from fvar_core.runs import CLASS_INDEX, find_tokenizer, newest_checkpoint, resolve_checkpoint
 
 PathLike = Union[str, Path]
 
@@ -47,6 +49,16 @@ class Models:
     @property
     def preset(self):
         return self.var_ckpt.preset
+
+    @property
+    def class_names(self) -> Optional[List[str]]:
+        """What the classes are called (`classnames.names_for`: the checkpoint's class list, or
+        ImageNet's for a 1,000-class model such as the official ones); None when unknown."""
+        return names_for(class_names_for(self.var_ckpt.path), self.var.num_classes)
+
+    def class_ids(self, classes, where: str = "--class") -> List[int]:
+        """Class ids from ids, names or `--class` text (`checks.parse_classes`)."""
+        return parse_classes(classes, self.var.num_classes, self.class_names, where)
 
 
 def load_models(var_ckpt: PathLike, tokenizer: Optional[PathLike] = None, device=None) -> Models:
@@ -110,3 +122,16 @@ def open_models(source: PathLike, tokenizer: Optional[PathLike] = None, device=N
         raise UserError("a preset applies to official .pth files only: an fvar checkpoint carries its own")
     return load_models(src, tokenizer, device)
 
+
+
+def default_source(say=print) -> Union[Path, str]:
+    """What to sample when no checkpoint is named: the newest var checkpoint under the runs folder,
+    else the model bundled with fvar (said in one line); with neither, the runs folder's error."""
+    try:
+        return newest_checkpoint("var")
+    except UserError:
+        name = default_model()
+        if name is None:
+            raise
+        say(f"no --ckpt and no var checkpoint under the runs folder: using the bundled release {name}")
+        return name
