@@ -53,8 +53,8 @@ def parse_classes(spec: Union[str, int, Sequence[Union[str, int]]], num_classes:
         m = re.fullmatch(r"(\d+)\s*-\s*(\d+)", part) or re.fullmatch(r"(\d+)", part)
         if not m:
             if names is None:
-                raise UserError(f"{where} {part!r}: this model's classes have no names; give ids like 207, "
-                                f"1,207,388 or 0-9 (or 'uncond')")
+                raise UserError(f"{where} {part!r}: expected ids like 207, 1,207,388 or 0-9 (or 'uncond'); "
+                                f"this model's classes have no names")
             out.append(class_id(part, names, where))
             continue
         lo = int(m.group(1))

@@ -166,7 +166,8 @@ def format_table(report: Dict[str, Any]) -> str:
     lines = [head]
     for r in report["rows"]:
         acc = f"{100 * r['accuracy']:.1f}%" if r.get("accuracy") is not None else "–"
-        lines.append(f"| {r['name']} | {r['count']} | {acc} | {r['fid']:.2f} | {1e3 * r['kid']['mean']:.2f} | "
+        fid = f"{r['fid']:.2f}".replace("-0.00", "0.00")  # a set against itself: ±1e-7 of sqrtm rounding
+        lines.append(f"| {r['name']} | {r['count']} | {acc} | {fid} | {1e3 * r['kid']['mean']:.2f} | "
                      f"{r['precision']:.3f} | {r['recall']:.3f} |")
     ref = report["reference"]
     acc = ref.get("classifier_accuracy")
