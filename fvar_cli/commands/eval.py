@@ -146,8 +146,9 @@ def evaluate(
     kid_subset_size: int = typer.Option(1000, "--kid-subset-size", min=2, help="KID: subset size (capped at the "
                                                                                "set sizes)."),
     feature_net: Optional[Path] = typer.Option(
-        None, "--feature-net", help="A classifier from `fvar eval classifier train`: class-conditional accuracy and "
-                                    "FID/KID/P-R in its feature space, offline (--ref: a labelled image folder)."),
+        None, "--feature-net", help="A classifier from `fvar eval classifier train`, or `fmnist` (bundled, for "
+                                    "Fashion-MNIST): class-conditional accuracy and FID/KID/P-R in its feature space, "
+                                    "offline (--ref: a labelled image folder)."),
     real: Optional[Path] = typer.Option(None, "--real", help="With --feature-net: a real split (e.g. train) for the "
                                                              "floor row, as many images per class as the samples."),
     calibration_images: int = typer.Option(1000, "--calibration-images", min=2,
