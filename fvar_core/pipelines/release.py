@@ -161,6 +161,20 @@ def _rows(report: Dict[str, Any]) -> List[Dict[str, Any]]:
             for r in report.get("rows", [])]
 
 
+def _portable(provenance: Dict[str, Any], out: Path) -> Dict[str, Any]:
+    """Provenance with the data paths of this machine's release folder written as `release/…` (the
+    recipe's default --out): the fingerprints identify the data, the paths only say where it was."""
+    root = str(out.resolve())
+
+    def rel(v: Any) -> Any:
+        return f"release{v[len(root):]}" if isinstance(v, str) and v.startswith(root) else v
+
+    prov = {k: rel(v) for k, v in provenance.items()}
+    if isinstance(prov.get("data_identity"), dict):
+        prov["data_identity"] = {k: rel(v) for k, v in prov["data_identity"].items()}
+    return prov
+
+
 def pack_release(out: PathLike, dest: Optional[PathLike] = None, names: Sequence[str] = tuple(RECIPES),
                  say: Callable[[str], None] = print) -> Path:
     """Copy the trained release in `out` into the bundle folder `dest` (default `bundle.BUNDLE_DIR`):
@@ -192,7 +206,8 @@ def pack_release(out: PathLike, dest: Optional[PathLike] = None, names: Sequence
         folder = dest / name
         shutil.rmtree(folder, ignore_errors=True)
         for ck, d in ((var, folder), (tok, folder / TOKENIZER_DIR)):  # the tokenizer inside the var folder
-            prov = {**ck.provenance, "release": {**release, "trained_tensors_sha256": tensors_sha256(ck.state_dict)}}
+            prov = {**_portable(ck.provenance, out), "release": {**release,
+                                                                   "trained_tensors_sha256": tensors_sha256(ck.state_dict)}}
             save_checkpoint(d, kind=ck.kind, preset=ck.preset, state_dict=_half(ck.state_dict), provenance=prov,
                             classes=class_names)
         write_class_index(folder / CLASS_INDEX, class_names)
@@ -202,13 +217,16 @@ def pack_release(out: PathLike, dest: Optional[PathLike] = None, names: Sequence
     clf = load_checkpoint(out / "classifier", expect_kind="classifier")
     clf_dir = dest / CLASSIFIER_NAME
     shutil.rmtree(clf_dir, ignore_errors=True)
-    save_checkpoint(clf_dir, kind="classifier", preset=None, state_dict=clf.state_dict,
-                    provenance={**clf.provenance, "release": {"name": CLASSIFIER_NAME, "recipe": "fvar release train "
-                                "(its classifier step)", "precision": "float32"}},
-                    extra=clf.extra, classes=class_names)
+    clf_summary = "the feature network of fvar eval --feature-net for Fashion-MNIST at 32 px"
+    accuracy = clf.extra.get("metrics", {}).get("val_accuracy")
+    save_checkpoint(clf_dir, kind="classifier", preset=None, state_dict=clf.state_dict, extra=clf.extra,
+                    provenance={**_portable(clf.provenance, out), "metrics": {"test_accuracy": accuracy},
+                                "release": {"name": CLASSIFIER_NAME, "summary": clf_summary,
+                                            "recipe": "fvar release train --out release", "precision": "float32"}},
+                    classes=class_names)
     models[CLASSIFIER_NAME] = {"kind": "classifier", "path": CLASSIFIER_NAME, "precision": "float32",
-                               "summary": "feature network for fvar eval --feature-net (Fashion-MNIST, 32 px)",
-                               "recipe": "fvar release train (its classifier step)"}
+                               "summary": clf_summary, "recipe": "fvar release train --out release",
+                               "test_accuracy": accuracy}
     for name, entry in models.items():
         files = sorted(p for p in (dest / entry["path"]).rglob("*") if p.is_file())
         entry["files"] = {p.relative_to(dest).as_posix(): file_sha256(p) for p in files}
