@@ -11,6 +11,7 @@ import torch
 
 from fvar_core import bundle
 from fvar_core.checkpoints import load_checkpoint, save_checkpoint
+from fvar_core.data.folders import write_class_index
 from fvar_core.errors import UserError
 from fvar_core.eval.classifier import ClassifierConfig, FeatureNet
 from fvar_core.models.tokenizer import Tokenizer
@@ -18,12 +19,13 @@ from fvar_core.models.transformer import VAR
 from fvar_core.pipelines.release import RECIPES, pack_release
 from fvar_core.presets import load_preset
 
-CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+CLASSES = ["0-t-shirt-top", "1-trouser", "2-pullover", "3-dress", "4-coat", "5-sandal", "6-shirt", "7-sneaker", "8-bag",
+           "9-ankle-boot"]
 
 
 def _fake_release(out: Path, names) -> None:
     (out / "data").mkdir(parents=True)
-    (out / "data" / "fashion-mnist.json").write_text(json.dumps({"classes": CLASSES}))
+    write_class_index(out / "data" / "classes.json", CLASSES)
     cfg = ClassifierConfig()
     torch.manual_seed(0)
     save_checkpoint(out / "classifier", kind="classifier", preset=None,
@@ -66,7 +68,8 @@ def test_pack_writes_a_bundle_that_verifies_and_loads_by_name(tmp_path, monkeypa
     from fvar_core.eval.classifier import load_classifier
 
     pipe = fvar.Pipeline.from_pretrained("fmnist-32", device="cpu")
-    assert pipe.class_names[9] == "Ankle boot"
+    assert pipe.class_names[9] == "ankle boot"
+    assert "| classes | t shirt top, trouser," in card
     assert pipe.models.var.head.weight.dtype == torch.float32  # computed in float32
     assert load_classifier("fmnist", device="cpu").classes == CLASSES
 

@@ -184,14 +184,17 @@ def pack_release(out: PathLike, dest: Optional[PathLike] = None, names: Sequence
 
     from fvar_core.bundle import BUNDLE_DIR, FORMAT, MANIFEST_NAME, VERSION
     from fvar_core.checkpoints import load_checkpoint, save_checkpoint
-    from fvar_core.data.folders import write_class_index
+    from fvar_core.classnames import display_name
+    from fvar_core.data.folders import read_class_index, write_class_index
     from fvar_core.hashing import file_sha256, tensors_sha256
     from fvar_core.runs import CLASS_INDEX, TOKENIZER_DIR, find_tokenizer, resolve_checkpoint
 
     out = Path(out)
     dest = Path(dest) if dest is not None else BUNDLE_DIR
-    export_info = json.loads((out / "data" / "fashion-mnist.json").read_text(encoding="utf-8"))
-    class_names = list(export_info["classes"])
+    # the class list the models and the classifier were trained with (the export's folder names,
+    # '7-sneaker': what evaluation matches classes by); cards show them as names ('sneaker')
+    class_names = read_class_index(out / "data" / CLASS_INDEX)
+    shown = [display_name(c) for c in class_names]
     models: Dict[str, Any] = {}
     for name in names:
         report_path = out / name / "report.json"
@@ -209,7 +212,7 @@ def pack_release(out: PathLike, dest: Optional[PathLike] = None, names: Sequence
             prov = {**_portable(ck.provenance, out), "release": {**release,
                                                                    "trained_tensors_sha256": tensors_sha256(ck.state_dict)}}
             save_checkpoint(d, kind=ck.kind, preset=ck.preset, state_dict=_half(ck.state_dict), provenance=prov,
-                            classes=class_names)
+                            classes=shown)
         write_class_index(folder / CLASS_INDEX, class_names)
         models[name] = {"kind": "var", "path": name, "summary": RECIPES[name].summary, "precision": "float16",
                         "recipe": recipe_command(name), "evaluation": release["evaluation"]}
@@ -223,7 +226,7 @@ def pack_release(out: PathLike, dest: Optional[PathLike] = None, names: Sequence
                     provenance={**_portable(clf.provenance, out), "metrics": {"test_accuracy": accuracy},
                                 "release": {"name": CLASSIFIER_NAME, "summary": clf_summary,
                                             "recipe": "fvar release train --out release", "precision": "float32"}},
-                    classes=class_names)
+                    classes=shown)
     models[CLASSIFIER_NAME] = {"kind": "classifier", "path": CLASSIFIER_NAME, "precision": "float32",
                                "summary": clf_summary, "recipe": "fvar release train --out release",
                                "test_accuracy": accuracy}
