@@ -60,7 +60,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     rows = [compare(args.release / n, n, args.per_class) for n in bundled_names("var")]
-    print("| model | images | all tokens equal | tokens equal | pixels max abs Δ | PSNR fp16 vs fp32 | PNG values changed |")
+    print("| model | images | all tokens equal | tokens equal | pixels max abs Δ | PSNR fp16 vs fp32 "
+          "| PNG values changed |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['name']} | {r['images']} | {100 * r['images_with_all_tokens_equal']:.1f}% | "

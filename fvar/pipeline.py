@@ -115,7 +115,8 @@ class Pipeline:
                       batch_size=batch_size, decode=decode)
 
     def inpaint(self, image: ImageLike, *, box: Optional[Tuple[int, int, int, int]] = None,
-                mask: Optional[Union[PathLike, torch.Tensor]] = None, cls: Optional[Union[int, str]] = None, seed: int = 0,
+                mask: Optional[Union[PathLike, torch.Tensor]] = None, cls: Optional[Union[int, str]] = None,
+                seed: int = 0,
                 output: str = "pil", **settings: Any):
         """Regenerate a region of `image` (VAR's zero-shot editing): `box` = (x0, y0, x1, y1) in the
         image's pixels, or `mask` (a path: white = generate; or an (H, W) bool tensor, True =

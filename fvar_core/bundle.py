@@ -76,7 +76,8 @@ def bundled_path(name: str, root: Optional[Path] = None) -> Path:
     for rel, want in sorted(entry.get("files", {}).items()):
         f = root / rel
         if not f.is_file():
-            raise UserError(f"bundled model {name}: {rel} is missing: reinstall fvar (pip install --force-reinstall fvar)")
+            raise UserError(f"bundled model {name}: {rel} is missing: reinstall fvar "
+                            f"(pip install --force-reinstall fvar)")
         if file_sha256(f) != want:
             raise UserError(f"bundled model {name}: {rel} is damaged (its sha256 differs from the recorded one): "
                             f"reinstall fvar (pip install --force-reinstall fvar)")

@@ -38,7 +38,8 @@ def _fake_release(out: Path, names) -> None:
         tok = Tokenizer(p.tokenizer, p.patch_nums)
         ck = out / name / "transformer"
         save_checkpoint(ck, kind="var", preset=p, state_dict=var.state_dict(),
-                        provenance={"step": 7, "data_identity": {"source": "shards", "path": "x", "fingerprint": "a" * 64}})
+                        provenance={"step": 7,
+                                    "data_identity": {"source": "shards", "path": "x", "fingerprint": "a" * 64}})
         save_checkpoint(ck / "tokenizer", kind="tokenizer", preset=p, state_dict=tok.state_dict())
         row = {"name": "samples", "count": 1000, "accuracy": 0.5, "fid": 9.0, "kid": {"mean": 0.01},
                "precision": 0.7, "recall": 0.3}

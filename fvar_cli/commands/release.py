@@ -22,7 +22,7 @@ def train(
     device: str = DeviceOption,
 ) -> None:
     """Train the bundled models from Fashion-MNIST's IDX files: data, the feature classifier, then per
-    model tokenizer → tokens → transformer → evaluation (about 1.5 hours on two CPU cores)."""
+    model tokenizer → tokens → transformer → evaluation (95 minutes for both on two CPU cores)."""
     from fvar_core.eval.feature_metrics import format_table
     from fvar_core.pipelines.release import RECIPES, train_release
 

@@ -209,8 +209,8 @@ def pack_release(out: PathLike, dest: Optional[PathLike] = None, names: Sequence
         folder = dest / name
         shutil.rmtree(folder, ignore_errors=True)
         for ck, d in ((var, folder), (tok, folder / TOKENIZER_DIR)):  # the tokenizer inside the var folder
-            prov = {**_portable(ck.provenance, out), "release": {**release,
-                                                                   "trained_tensors_sha256": tensors_sha256(ck.state_dict)}}
+            trained = tensors_sha256(ck.state_dict)
+            prov = {**_portable(ck.provenance, out), "release": {**release, "trained_tensors_sha256": trained}}
             save_checkpoint(d, kind=ck.kind, preset=ck.preset, state_dict=_half(ck.state_dict), provenance=prov,
                             classes=shown)
         write_class_index(folder / CLASS_INDEX, class_names)
