@@ -117,8 +117,10 @@ def _release_section(release: Mapping[str, Any]) -> List[str]:
                   "changes).", ""]
     rows = release.get("evaluation") or []
     if rows:
-        lines += [f"Evaluation in the feature space of the bundled classifier `{release.get('classifier')}` "
-                  "against the 10,000 test images (100 samples per class, the preset's sampling defaults):", "",
+        lines += [f"The recipe's evaluation, of the weights as trained (float32), in the feature space of the "
+                  f"bundled classifier `{release.get('classifier')}` against the 10,000 test images (100 samples "
+                  "per class, the preset's sampling defaults, seed 0; the float16 files' own figures are in "
+                  "docs/release.md):", "",
                   "| images | n | class acc. | FID | precision | recall | PSNR |", "|---|---|---|---|---|---|---|"]
         for r in rows:
             def f(k: str, fmt: str) -> str:
