@@ -85,13 +85,6 @@ def train_release(out: PathLike, names: Sequence[str] = tuple(RECIPES), *, sourc
     return {n: _train_one(out, n, RECIPES[n], shared, device=device, console=console, say=say) for n in names}
 
 
-def _timed(times: Dict[str, float], key: str, fn: Callable[[], Any]) -> Any:
-    t = time.perf_counter()
-    res = fn()
-    times[key] = round(time.perf_counter() - t, 1)
-    return res
-
-
 def _train_one(out: Path, name: str, r: Recipe, shared_seconds: float, *, device, console, say) -> Dict[str, Any]:
     p = load_preset(r.preset)
     d = out / name
@@ -107,9 +100,9 @@ def _train_one(out: Path, name: str, r: Recipe, shared_seconds: float, *, device
 
     def step(key: str, line: str, fn: Callable[[], Any]) -> Any:
         say(f"{name} · {line}")
-        before = times.get(key, 0.0)
-        res = _timed(times, key, fn)
-        times[key] = round(times[key] + before, 1)
+        t = time.perf_counter()
+        res = fn()
+        times[key] = round(times.get(key, 0.0) + time.perf_counter() - t, 1)
         times_path.write_text(json.dumps(times, indent=1) + "\n", encoding="utf-8")
         return res
 
