@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from fvar_core.bundle import bundled_names
-from fvar_core.runs import find_tokenizer, resolve_checkpoint
+from fvar_core.runs import resolve_checkpoint
 from fvar_core.sample.loading import load_models
 from fvar_core.sample.sampler import decode_images, sample
 

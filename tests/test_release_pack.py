@@ -100,6 +100,8 @@ def test_a_local_folder_of_the_same_name_wins(tmp_path, monkeypatch):
 
 
 def test_pack_refuses_an_unfinished_release(tmp_path):
+    with pytest.raises(UserError, match=r"is not a release folder \(no data/classes.json\)"):
+        pack_release(tmp_path / "nope", tmp_path / "b", say=lambda s: None)
     out = tmp_path / "release"
     _fake_release(out, [])
     with pytest.raises(UserError, match=r"not finished \(no report.json\): run `fvar release train fmnist-32`"):

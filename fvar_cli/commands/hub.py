@@ -24,8 +24,9 @@ def download(
     from fvar_core.models import hub
 
     if list_:
-        for key in bundle.bundled_names():
-            m = bundle.manifest()["models"][key]
+        bundled = bundle.manifest()["models"]
+        for key in sorted(bundled):
+            m = bundled[key]
             typer.echo(f"{key:14} bundled  {m.get('summary', m.get('kind', ''))} (inside fvar: nothing to download)")
         for key, e in sorted(hub.REGISTRY.items()):
             pin = e.var.revision if e.var.sha256 else f"{e.var.revision} (not pinned)"

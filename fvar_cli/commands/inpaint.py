@@ -50,8 +50,6 @@ def inpaint(
     check_edit_request(box=box, mask=mask, outpaint=outpaint, canvas=canvas, fit=fit)
     if ckpt is None:
         ckpt = default_source(say=typer.echo)
-        if not isinstance(ckpt, str):
-            typer.echo(f"using the newest var checkpoint: {ckpt}")
     models = open_models(ckpt, tokenizer, device)
     label = None
     if class_ is not None:

@@ -51,8 +51,6 @@ def sample(
 
     if ckpt is None:
         ckpt = default_source(say=typer.echo)
-        if not isinstance(ckpt, str):
-            typer.echo(f"using the newest var checkpoint: {ckpt}")
     models = open_models(ckpt, tokenizer, device)
     settings = settings_from(models.preset.sample, cfg=cfg, cfg_mode=cfg_mode, cfg_schedule=cfg_schedule,
                              top_k=top_k, top_p=top_p, more_smooth=more_smooth, rng=rng, compile=compile_)

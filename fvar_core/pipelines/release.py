@@ -173,8 +173,6 @@ def pack_release(out: PathLike, dest: Optional[PathLike] = None, names: Sequence
     """Copy the trained release in `out` into the bundle folder `dest` (default `bundle.BUNDLE_DIR`):
     each transformer (float16) with its tokenizer (float16) and class names, the classifier (float32,
     tiny), model cards with the evaluation and the recipe, and manifest.json with every file's sha256."""
-    import torch  # noqa: F401  (the state dicts are torch tensors)
-
     from fvar_core.bundle import BUNDLE_DIR, FORMAT, MANIFEST_NAME, VERSION
     from fvar_core.checkpoints import load_checkpoint, save_checkpoint
     from fvar_core.classnames import display_name
@@ -183,6 +181,9 @@ def pack_release(out: PathLike, dest: Optional[PathLike] = None, names: Sequence
     from fvar_core.runs import CLASS_INDEX, TOKENIZER_DIR, find_tokenizer, resolve_checkpoint
 
     out = Path(out)
+    if not (out / "data" / CLASS_INDEX).is_file():
+        raise UserError(f"{out} is not a release folder (no data/{CLASS_INDEX}): `fvar release train --out {out}` "
+                        f"writes one")
     dest = Path(dest) if dest is not None else BUNDLE_DIR
     # the class list the models and the classifier were trained with (the export's folder names,
     # '7-sneaker': what evaluation matches classes by); cards show them as names ('sneaker')

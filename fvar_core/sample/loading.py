@@ -123,12 +123,13 @@ def open_models(source: PathLike, tokenizer: Optional[PathLike] = None, device=N
     return load_models(src, tokenizer, device)
 
 
-
 def default_source(say=print) -> Union[Path, str]:
-    """What to sample when no checkpoint is named: the newest var checkpoint under the runs folder,
-    else the model bundled with fvar (said in one line); with neither, the runs folder's error."""
+    """What to sample when no checkpoint is named, said in one line: the newest var checkpoint under
+    the runs folder, else the model bundled with fvar; with neither, the runs folder's error."""
     try:
-        return newest_checkpoint("var")
+        ckpt = newest_checkpoint("var")
+        say(f"using the newest var checkpoint: {ckpt}")
+        return ckpt
     except UserError:
         name = default_model()
         if name is None:
