@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from fvar_core.config import ModelConfig, SampleConfig, TokenizerConfig
 from fvar_core.errors import UserError
-from fvar_core.sample.sampler import (candidates, guidance_weight, guide, inverse_cdf, official_filter_, pick_tokens,
+from fvar_core.sample.sampler import (candidates, decode_images, guidance_weight, guide, inverse_cdf, official_filter_, pick_tokens,
                                       sample, sample_batch)
 from fvar_core.models.tokenizer import Tokenizer
 from fvar_core.models.transformer import VAR
@@ -100,7 +100,14 @@ def test_rng_official_reproduces_the_official_free_running_samples(manifest, ref
     for si, (got, want) in enumerate(zip(out.tokens, run["idx_per_scale"])):
         assert torch.equal(got, want), f"scale {si}: tokens differ from the official sampler"
     _close(manifest, f"infer.{run_name}.f_hat", out.f_hat, run["f_hat"])
-    _close(manifest, f"infer.{run_name}.img_area32", _area32(out.images), run["img_area32"])
+    if f"infer.{run_name}.img_area32" in manifest["noise_floors"]["ulp_perturbation"]["out_of_tolerance"]:
+        # The fixture marks this image as moved past tolerance by one-ulp input noise in the official
+        # code itself (more_smooth's soft f̂ above, bounded by its measured spread); the step after
+        # f̂ is deterministic, so it is checked at the generic tolerance from the official f̂.
+        _close(manifest, f"infer.{run_name}.img_area32", _area32(decode_images(ref_tok, run["f_hat"])), run["img_area32"])
+        assert torch.equal(out.images, decode_images(ref_tok, out.f_hat))
+    else:
+        _close(manifest, f"infer.{run_name}.img_area32", _area32(out.images), run["img_area32"])
     # the default draws per image, so the same seed gives other (equally valid) samples
     per_image = sample_batch(ref_var, ref_tok, ref["inputs"]["labels"], [0, 1], settings.model_copy(update={"rng": "per-image"}))
     assert not all(torch.equal(a, b) for a, b in zip(per_image.tokens, run["idx_per_scale"]))

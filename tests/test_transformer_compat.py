@@ -94,8 +94,15 @@ def logits(model, ref) -> dict:
 
 
 def _tol(manifest, path: str) -> tuple[float, float]:
+    ulp = manifest["noise_floors"]["ulp_perturbation"]
     for row in manifest["tolerances"]:  # first match wins; the last row ('') matches everything
         if row["path_contains"] in path:
+            if path in ulp["out_of_tolerance"]:
+                # The fixture measured that the official code itself moves this tensor past the row's
+                # tolerance when its inputs move by one ulp (more_smooth's gumbel softmax at τ ≈ 0.005
+                # amplifies float32 noise ~200×): another CPU's kernels are such a perturbation, so the
+                # bound is the official code's own measured spread, not the generic row.
+                return max(row["atol"], ulp["float_maxabs"][path]), row["rtol"]
             return row["atol"], row["rtol"]
     raise AssertionError("manifest has no catch-all tolerance")
 
