@@ -8,7 +8,7 @@ width, ...) are checked in `Preset`.
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Optional, Union
+from typing import Any, Dict, Literal, Optional, Tuple, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -289,6 +289,33 @@ class SampleConfig(_Strict):
         "off", description="torch.compile the per-scale transformer step (one static graph per scale); "
                            "reduce-overhead adds CUDA graphs on GPUs")
     batch_size: int = Field(64, ge=1)
+    # Training-free speed-ups (docs/sampling-speed.md), all off by default; each changes tokens only
+    # from the scale it starts at.
+    cfg_scales: int = Field(0, ge=0, description="guide only the first N scales, then drop the null half "
+                                                 "of the batch; 0 = every scale")
+    prune: Dict[int, float] = Field(default_factory=dict, description="patch number → share of that scale's "
+                                    "tokens not run through the transformer (filled from the previous scale)")
+    refine_from: int = Field(0, ge=0, description="draft and refine: the refiner model samples from this scale "
+                                                  "on; 0 = off")
+    kv_budget: Optional[Tuple[int, int]] = Field(None, description="(first, recent): each scale attends only to "
+                                                 "the first scales and the most recent ones; None = all")
+    decode_precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="the VQ-VAE decode: auto = bf16 on CUDA (as VAR), fp32 elsewhere")
+
+    @field_validator("prune")
+    @classmethod
+    def _ratios(cls, v: Dict[int, float]) -> Dict[int, float]:
+        for pn, r in v.items():
+            if not 0.0 <= r < 1.0:
+                raise ValueError(f"prune ratio for scale {pn} must be in [0, 1), got {r}")
+        return {int(pn): float(r) for pn, r in sorted(v.items()) if r > 0}
+
+    @field_validator("kv_budget")
+    @classmethod
+    def _budget(cls, v):
+        if v is not None and (v[0] < 1 or v[1] < 0):
+            raise ValueError(f"kv budget (first, recent) needs first ≥ 1 and recent ≥ 0, got {tuple(v)}")
+        return v
 
 
 class Preset(_Strict):

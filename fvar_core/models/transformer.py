@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -114,22 +114,54 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: float
 # ------------------------------------------------------------------------------------------------
 
 class KVCache:
-    """Keys/values of every block, preallocated for all L tokens (no torch.cat growth, static
-    storage). `length` tokens are filled; `VAR.forward_step` appends one scale and advances it.
-    Keys are stored l2-normalised, as the official cache does."""
+    """Keys/values of every block, preallocated (no torch.cat growth, static storage). `length`
+    tokens are filled; `VAR.forward_step` appends one scale and advances it; `scales` lists the
+    scales stored, in order, with their token counts. Keys are stored l2-normalised, as the official
+    cache does. `capacity` defaults to all L tokens; a smaller one holds only the scales a KV budget
+    keeps (`keep_scales` drops the others and moves the rest down)."""
 
     def __init__(self, depth: int, batch: int, num_heads: int, seq_len: int, head_dim: int,
                  device=None, dtype=torch.float32):
         shape = (depth, batch, num_heads, seq_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)  # (depth, B, H, L, c)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)  # (depth, B, H, capacity, c)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0
+        self.scales: List[tuple] = []  # (scale index, tokens stored)
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
 
     def reset(self) -> None:
         self.length = 0
+        self.scales = []
 
     def layer(self, i: int) -> "_LayerCache":
         return _LayerCache(self, i)
+
+    def keep_rows(self, n: int) -> None:
+        """Keep the first n batch rows (the conditional half, once guidance stops)."""
+        self.k, self.v = self.k[:, :n], self.v[:, :n]
+
+    def keep_scales(self, keep: Callable[[int], bool]) -> None:
+        """Drop every stored scale s with keep(s) False; the kept ones move down, in order."""
+        if all(keep(s) for s, _ in self.scales):
+            return
+        pos, start, kept = [], 0, []
+        for s, n in self.scales:
+            if keep(s):
+                pos.extend(range(start, start + n))
+                kept.append((s, n))
+            start += n
+        idx = torch.tensor(pos, device=self.k.device, dtype=torch.long)
+        n = len(pos)
+        self.k[:, :, :, :n] = self.k.index_select(3, idx)
+        self.v[:, :, :, :n] = self.v.index_select(3, idx)
+        self.length, self.scales = n, kept
 
 
 class _LayerCache:
@@ -139,6 +171,8 @@ class _LayerCache:
     def update(self, k: torch.Tensor, v: torch.Tensor):
         """Write this step's k, v (B,H,l,c) after the filled part; return all keys/values so far."""
         s, e = self.cache.length, self.cache.length + k.shape[2]
+        if e > self.cache.capacity:
+            raise RuntimeError(f"KV cache holds {self.cache.capacity} tokens, this scale needs {e}")
         self.cache.k[self.i, :, :, s:e] = k
         self.cache.v[self.i, :, :, s:e] = v
         return self.cache.k[self.i, :, :, :e], self.cache.v[self.i, :, :, :e]
@@ -481,9 +515,10 @@ class VAR(nn.Module):
         return self.finish(x, cond_BD, feats, return_features, head)
 
     # --- incremental inference (the sampler drives it; docs/var-compat.md §2.8) ---
-    def new_kv_cache(self, batch: int, device=None, dtype=torch.float32) -> KVCache:
+    def new_kv_cache(self, batch: int, device=None, dtype=torch.float32, capacity: Optional[int] = None) -> KVCache:
+        """A cache for `capacity` tokens per row (default: all L)."""
         device = device if device is not None else self.pos_1LC.device
-        return KVCache(self.depth, batch, self.num_heads, self.seq_len, self.width // self.num_heads,
+        return KVCache(self.depth, batch, self.num_heads, capacity or self.seq_len, self.width // self.num_heads,
                        device, dtype)
 
     def class_condition(self, label_B: torch.Tensor) -> torch.Tensor:
@@ -508,16 +543,19 @@ class VAR(nn.Module):
         lvl_pos = self.lvl_pos() if lvl_pos is None else lvl_pos
         return self.word_embed(x_BlCv) + lvl_pos[:, bg:ed]
 
-    def forward_step(self, cond_BD: torch.Tensor, x_BlC: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
+    def forward_step(self, cond_BD: torch.Tensor, x_BlC: torch.Tensor, kv_cache: KVCache, si: int = -1,
+                     head: bool = True) -> torch.Tensor:
         """One scale of autoregressive inference: x_BlC (B, l, C) the scale's input tokens (from
         first_scale_input / scale_input), attending to every cached token and to each other ->
-        logits (B, l, V) float32. Appends the scale's keys/values to kv_cache."""
+        logits (B, l, V) float32, or (head=False) the last block's hidden states (B, l, C).
+        Appends the scale's keys/values to kv_cache (recorded as scale si)."""
         cond = self.shared_ada_lin(cond_BD)
         x = x_BlC
         for i, block in enumerate(self.blocks):
             x = block(x, cond, None, kv_cache.layer(i))
         kv_cache.length += x_BlC.shape[1]
-        return self.get_logits(x, cond_BD)
+        kv_cache.scales.append((si, x_BlC.shape[1]))
+        return self.get_logits(x, cond_BD) if head else x
 
     # --- official checkpoints ---
     def official_state_dict(self) -> dict:

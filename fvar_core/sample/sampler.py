@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from fvar_core.checks import check_labels
 from fvar_core.config import SampleConfig
 from fvar_core.errors import UserError
+from fvar_core.sample.speedups import check_speedups, fill_pruned, kept_tokens, kv_capacity, kv_keeps
 
 PathLike = Union[str, Path]
 # observe(si, guided logits (B, l, V) float32, sampled idx before known-token forcing (B, l))
@@ -204,11 +205,13 @@ class SampleResult:
     f_hat: Optional[torch.Tensor] = None
 
 
-def decode_images(tokenizer, f_hat: torch.Tensor) -> torch.Tensor:
-    """f̂ (B, Cv, P, P) → images (B, 3, H, W) float32 in [0, 1] on f̂'s device; bf16 autocast on CUDA
-    (VAR decodes under its sampling autocast too)."""
-    cuda = f_hat.device.type == "cuda"
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+def decode_images(tokenizer, f_hat: torch.Tensor, precision: str = "auto") -> torch.Tensor:
+    """f̂ (B, Cv, P, P) → images (B, 3, H, W) float32 in [0, 1] on f̂'s device. precision 'auto':
+    bf16 autocast on CUDA (VAR decodes under its sampling autocast too), float32 elsewhere; 'fp32'
+    / 'bf16' force one (bf16 on the CPU uses its bf16 matrix units where it has them)."""
+    dev = f_hat.device.type
+    bf16 = precision == "bf16" or (precision == "auto" and dev == "cuda")
+    with torch.no_grad(), torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16):
         return (tokenizer.fhat_to_img(f_hat).float() * 0.5 + 0.5).clamp_(0, 1)
 
 
@@ -231,10 +234,53 @@ def _uniforms(gens: Sequence[torch.Generator], n: int, device) -> torch.Tensor:
     return u.to(device)
 
 
+class _Stream:
+    """One model's side of the sampling loop: its class condition, KV cache and position
+    embeddings, and (for token pruning) its last scale's full hidden map. The draft model and the
+    refiner of draft-and-refine are two streams over the same tokens."""
+
+    def __init__(self, var, lab: torch.Tensor, settings: SampleConfig, cache_dtype):
+        self.var = var
+        self.cond = var.class_condition(lab)  # (2B or B, C)
+        self.cache = var.new_kv_cache(lab.numel(), lab.device, cache_dtype,
+                                      capacity=kv_capacity(var.patch_nums, settings.kv_budget))
+        self.lvl_pos = var.lvl_pos()  # (1, L, C), once per batch
+        self.step = step_function(var, settings.compile)
+        self.hidden: Optional[torch.Tensor] = None  # (R, l, C) of the last scale, when kept
+
+    def inputs(self, si: int, x_next: Optional[torch.Tensor]) -> torch.Tensor:
+        """The scale's input tokens (R, l, C), R = the rows of the condition."""
+        if si == 0:
+            return self.var.first_scale_input(self.cond, self.lvl_pos)
+        x = self.var.scale_input(x_next, si, self.lvl_pos)  # (B, l, C)
+        return x if x.shape[0] == self.cond.shape[0] else x.repeat(self.cond.shape[0] // x.shape[0], 1, 1)
+
+    def unguide(self, B: int) -> None:
+        """Drop the null-class half: condition, KV cache, kept hidden map."""
+        self.cond = self.cond[:B]
+        self.cache.keep_rows(B)
+        self.hidden = None if self.hidden is None else self.hidden[:B]
+
+    def run(self, si: int, x: torch.Tensor, keep: Optional[torch.Tensor], keep_hidden: bool,
+            logits: bool = True) -> Optional[torch.Tensor]:
+        """One scale through the model: x (R, l, C) → logits (R, l, V) float32 (or None).
+        keep (R, n): the positions run when the scale is pruned, the rest filled from `hidden`."""
+        if keep is None and not keep_hidden and logits:  # the default path, op for op
+            return self.step(self.cond, x, self.cache, si)
+        pn = self.var.patch_nums[si]
+        if keep is not None:
+            x = x.gather(1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        h = self.step(self.cond, x, self.cache, si, head=False)
+        if keep is not None:
+            h = fill_pruned(h, keep, self.hidden, pn)
+        self.hidden = h
+        return self.var.get_logits(h, self.cond) if logits else None
+
+
 @torch.no_grad()
 def sample_batch(var, tokenizer, labels: torch.Tensor, seeds: Sequence[int], settings: SampleConfig, *,
                  known: Optional[Sequence[torch.Tensor]] = None, known_mask: Optional[Sequence[torch.Tensor]] = None,
-                 decode: bool = True, observe: Optional[Observer] = None) -> SampleResult:
+                 decode: bool = True, observe: Optional[Observer] = None, refiner=None) -> SampleResult:
     """Sample B images in one pass (no chunking). Both models on the same device, in eval mode.
 
     labels: (B,) int64, num_classes = unconditional; seeds: B ints.
@@ -242,12 +288,15 @@ def sample_batch(var, tokenizer, labels: torch.Tensor, seeds: Sequence[int], set
     is True the given token replaces the sampled one at that scale, in the tokens and in f̂ (and so
     in every later scale's input) — VAR's zero-shot editing (docs/var-compat.md §5).
     observe: called per scale with the guided logits and the sampled tokens (before forcing).
+    refiner: a second VAR over the same tokenizer that samples from scale settings.refine_from on
+    (draft and refine); the speed-up settings are checked by `speedups.check_speedups`.
     """
     device = var.pos_1LC.device
     quant = tokenizer.quantize
     pns, K = var.patch_nums, len(var.patch_nums)
     if tuple(quant.patch_nums) != tuple(pns):
         raise UserError(f"tokenizer patch numbers {list(quant.patch_nums)} differ from the model's {list(pns)}")
+    check_speedups(settings, var, refiner)
     labels = labels.to(device=device, dtype=torch.long).view(-1)
     B = labels.numel()
     if len(seeds) != B:
@@ -267,8 +316,7 @@ def sample_batch(var, tokenizer, labels: torch.Tensor, seeds: Sequence[int], set
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
 
     lab = torch.cat((labels, torch.full_like(labels, var.num_classes))) if guided else labels
-    cond_BD = var.class_condition(lab)  # (2B or B, C)
-    cache = var.new_kv_cache(lab.numel(), device, dtype=torch.bfloat16 if cuda else torch.float32)
+    cache_dtype = torch.bfloat16 if cuda else torch.float32
     f_hat = torch.zeros(B, Cv, P, P, device=device, dtype=torch.float32)
     tokens: List[torch.Tensor] = []
     # every image's uniforms for all scales drawn up front (the same numbers as per-scale draws
@@ -280,12 +328,26 @@ def sample_batch(var, tokenizer, labels: torch.Tensor, seeds: Sequence[int], set
     # more_smooth's gumbel noise: per image, on the model's device (on the CPU: the image's generator,
     # continuing after its uniforms; elsewhere a device generator seeded with the same seed)
     noise_gens = gens if device.type == "cpu" else [torch.Generator(device).manual_seed(int(s)) for s in seeds]
-    step = step_function(var, settings.compile)
     with amp:
-        lvl_pos = var.lvl_pos()  # (1, L, C), once per batch
-        x = var.first_scale_input(cond_BD, lvl_pos)
+        draft = _Stream(var, lab, settings, cache_dtype)
+        streams = [draft] if refiner is None else [draft, _Stream(refiner, lab, settings, cache_dtype)]
+        x_next = None  # (B, l, Cv): the next scale's input from f̂
         for si, pn in enumerate(pns):
-            logits = step(cond_BD, x, cache).float()  # (2B or B, l, V)
+            if settings.kv_budget is not None:
+                for st in streams:
+                    st.cache.keep_scales(kv_keeps(*settings.kv_budget, si))
+            pruned = settings.prune.get(pn, 0.0) if si else 0.0
+            keep = kept_tokens(x_next, pruned) if pruned else None  # (B, n)
+            if keep is not None and guided:
+                keep = keep.repeat(2, 1)
+            # the pruned positions of the next scale are filled from this one's hidden states
+            keep_hidden = si + 1 < K and settings.prune.get(pns[si + 1], 0.0) > 0
+            # while drafting, the refiner reads each scale too (its KV cache); then it alone runs
+            running = streams if len(streams) == 1 or si < settings.refine_from else streams[1:]
+            for st in running:
+                out = st.run(si, st.inputs(si, x_next), keep, keep_hidden, logits=st is running[0])
+                if st is running[0]:
+                    logits = out.float()  # (R, l, V)
             if guided:
                 logits = guide(logits[:B], logits[B:], si, K, settings)
             if official:
@@ -317,10 +379,12 @@ def sample_batch(var, tokenizer, labels: torch.Tensor, seeds: Sequence[int], set
             with torch.autocast(device.type, enabled=False):  # the VQ side in float32 (cheap: Cv × P²)
                 f_hat, nxt = quant.next_ar_input(si, f_hat, h_BChw)
             if si < K - 1:
-                x = var.scale_input(nxt.flatten(2).transpose(1, 2), si + 1, lvl_pos)  # (B, l', C)
-                if guided:
-                    x = x.repeat(2, 1, 1)
-    images = decode_images(tokenizer, f_hat).cpu() if decode else None
+                x_next = nxt.flatten(2).transpose(1, 2)  # (B, l', Cv)
+                if guided and settings.cfg_scales and si + 1 == settings.cfg_scales:
+                    guided = False  # guidance stops here: the null half is dropped from every stream
+                    for st in streams:
+                        st.unguide(B)
+    images = decode_images(tokenizer, f_hat, settings.decode_precision).cpu() if decode else None
     return SampleResult([t.cpu() for t in tokens], images, f_hat)
 
 
