@@ -23,7 +23,7 @@ from fvar_core.data.images import fit_square, load_image
 from fvar_core.data.images import to_pil as image_to_pil
 from fvar_core.errors import UserError
 from fvar_core.sample.inpaint import box_mask, edit, encode_known, load_mask, prepare_inpaint
-from fvar_core.sample.loading import Models, open_models
+from fvar_core.sample.loading import Models, attach_refiner, open_models
 from fvar_core.sample.sampler import decode_images, sample, settings_from
 
 PathLike = Union[str, Path]
@@ -57,12 +57,15 @@ class Pipeline:
     @classmethod
     def from_pretrained(cls, source: PathLike, *, tokenizer: Optional[PathLike] = None,
                         device: Union[str, torch.device, None] = "auto", preset: Optional[str] = None,
-                        overrides: Sequence[str] = ()) -> "Pipeline":
+                        overrides: Sequence[str] = (), refiner: Optional[PathLike] = None) -> "Pipeline":
         """source: a run directory (its newest complete checkpoint), a var checkpoint folder, or an
         official `var_d*.pth` (then `tokenizer` is the official VQ-VAE `.pth`, and `preset` /
         `overrides` pick its architecture as `fvar convert import` does). tokenizer: default the
-        one stored with the checkpoint. device: 'auto' (CUDA, MPS, CPU), 'cpu', 'cuda:N', …"""
-        return cls(open_models(source, tokenizer, device, preset, overrides))
+        one stored with the checkpoint. device: 'auto' (CUDA, MPS, CPU), 'cpu', 'cuda:N', …
+        refiner: a second checkpoint over the same tokenizer for draft-and-refine sampling
+        (`pipe(..., refine_from=K)`)."""
+        models = open_models(source, tokenizer, device, preset, overrides)
+        return cls(attach_refiner(models, refiner) if refiner is not None else models)
 
     # -------------------------------------------------------------------------------- facts
     @property
@@ -95,8 +98,8 @@ class Pipeline:
     def sample(self, classes: Classes, *, n: int = 1, seed: int = 0, output: str = "pil",
                batch_size: Optional[int] = None, **settings: Any):
         """n images of each class (ids or names, in the order given; num_classes = unconditional). Image i has
-        seed seed + i. settings: any `SampleConfig` field (cfg, top_k, top_p, more_smooth, rng, …),
-        default the checkpoint's preset. output 'pil' (list of PIL images) or 'tensor' ((N, 3, H, W)
+        seed seed + i. settings: any `SampleConfig` field (cfg, top_k, top_p, more_smooth, rng, and the
+        speed-ups cfg_scales, prune, refine_from, kv_budget, decode_precision), default the checkpoint's preset. output 'pil' (list of PIL images) or 'tensor' ((N, 3, H, W)
         in [0, 1]; the per-scale tokens are `sample_tokens`)."""
         return self._output(self._sample(classes, n, seed, batch_size, settings).images, output)
 
@@ -112,7 +115,7 @@ class Pipeline:
         cfg = settings_from(self.preset.sample, **settings)
         m = self.models
         return sample(m.var, m.tokenizer, labels, [seed + i for i in range(len(labels))], cfg,
-                      batch_size=batch_size, decode=decode)
+                      batch_size=batch_size, decode=decode, refiner=m.refiner)
 
     def inpaint(self, image: ImageLike, *, box: Optional[Tuple[int, int, int, int]] = None,
                 mask: Optional[Union[PathLike, torch.Tensor]] = None, cls: Optional[Union[int, str]] = None,

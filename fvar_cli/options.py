@@ -60,3 +60,16 @@ writable_folder = _writable(folder=True)
 SampleCompileOption = typer.Option(
     None, "--compile", help="off, default or reduce-overhead: torch.compile each scale's transformer step "
                             "(one graph per scale; reduce-overhead adds CUDA graphs). Default: the preset's.")
+
+# Training-free speed-ups (docs/sampling-speed.md): all off unless given.
+CfgScalesOption = typer.Option(None, "--cfg-scales", min=0,
+                               help="Guide only the first N scales, then drop the unconditional half (0 = all).")
+PruneOption = typer.Option(None, "--prune", help="Token pruning: PATCH:RATIO,... — at those scales only the tokens "
+                                                 "farthest from the scale's mean input run (e.g. 13:0.5,16:0.7).")
+RefinerOption = typer.Option(None, "--refiner", help="Draft and refine: a second var checkpoint over the same "
+                                                     "tokenizer that samples from --refine-from on.")
+RefineFromOption = typer.Option(None, "--refine-from", min=0, help="The scale index the refiner takes over at.")
+KVBudgetOption = typer.Option(None, "--kv-budget", help="FIRST,RECENT: each scale attends only to the first and "
+                                                        "the most recent scales (a smaller KV cache).")
+DecodePrecisionOption = typer.Option(None, "--decode-precision",
+                                     help="auto (bf16 on CUDA, fp32 elsewhere), fp32, or bf16 (faster, not exact).")

@@ -110,3 +110,25 @@ def test_count_flops_counts_a_matmul():
 def test_device_helpers():
     assert "CPU" in device_name(torch.device("cpu"))
     assert machine(torch.device("cpu"))["device_type"] == "cpu"
+
+
+def test_bench_sample_reports_each_speedup(cli, tmp_path):
+    """The options reach the benchmark: fewer FLOPs with guidance dropped early and with pruning, a
+    smaller KV cache under a budget, a random-init refiner at the preset's width."""
+    docs = {}
+    for name, args in (("default", []), ("cfg", ["--cfg-scales", "2"]), ("prune", ["--prune", "4:0.75"]),
+                       ("kv", ["--kv-budget", "1,0"]), ("refine", ["--refiner-depth", "1", "--refine-from", "2"])):
+        out = tmp_path / f"{name}.json"
+        r = cli("bench", "sample", "--preset", "tiny-32", "--batch", "2", "--steps", "1", "--device", "cpu",
+                *args, "--json", str(out))
+        assert r.code == 0, r.err
+        assert "KV cache" in r.out
+        docs[name] = json.loads(out.read_text())
+    gf = {k: d["results"]["gflop_per_img"]["transformer"] for k, d in docs.items()}
+    assert gf["cfg"] < gf["default"] and gf["prune"] < gf["default"]
+    kv = {k: d["results"]["kv_cache_mib"] for k, d in docs.items()}
+    assert kv["kv"] < kv["default"] == kv["cfg"] and kv["refine"] > kv["default"]  # two caches
+    assert docs["prune"]["settings"]["prune"] == {"4": 0.75}
+    assert docs["refine"]["model"]["refiner"]["depth"] == 1
+    r = cli("bench", "sample", "--preset", "tiny-32", "--refiner", "x", "--refine-from", "2", "--device", "cpu")
+    assert r.code == 2 and "with --preset use --refiner-depth" in _err_line(r)

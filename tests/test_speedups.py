@@ -4,7 +4,9 @@ draft-and-refine refuses a refiner of another token space; the KV budget allocat
 from __future__ import annotations
 
 import copy
+import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -148,3 +150,53 @@ def test_the_kv_budget_allocates_the_cache_it_claims(models, monkeypatch):
     assert (kv_capacity(pn1024, None), kv_capacity(pn1024, (1, 1))) == (9451, 6401)
     keep = kv_keeps(2, 1, 5)
     assert [s for s in range(5) if keep(s)] == [0, 1, 4]
+
+
+# ------------------------------------------------------------------ the CLI and Python, on the release
+def test_fvar_sample_records_the_speedups_and_python_reproduces_the_images(cli, tmp_path):
+    import fvar
+    from PIL import Image
+
+    out = tmp_path / "s"
+    r = cli("sample", "--ckpt", "fmnist-32", "--class", "sneaker,bag", "--n", "2", "--seed", "5", "--cfg-scales", "3",
+            "--prune", "8:0.5", "--kv-budget", "1,2", "--decode-precision", "bf16", "--out", str(out))
+    assert r.code == 0, r.err
+    side = json.loads((out / "samples.json").read_text())
+    s = side["settings"]
+    assert (s["cfg_scales"], s["prune"], s["kv_budget"], s["decode_precision"]) == (3, {"8": 0.5}, [1, 2], "bf16")
+    assert side["refiner"] is None
+    pipe = fvar.Pipeline.from_pretrained("fmnist-32", device="cpu")
+    imgs = pipe(["sneaker", "bag"], n=2, seed=5, cfg_scales=3, prune={8: 0.5}, kv_budget=(1, 2),
+                decode_precision="bf16", output="tensor")
+    files = sorted(out.glob("0*.png"))
+    assert len(files) == 4
+    for f, img in zip(files, imgs):
+        got = torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1)
+        assert torch.equal(got, (img * 255).round().to(torch.uint8)), f.name
+
+
+def test_draft_and_refine_from_the_cli_and_its_refusals(cli, tmp_path):
+    out = tmp_path / "s"
+    # the release as its own refiner: its tokenizer, so accepted, and the same images as without
+    r = cli("sample", "--ckpt", "fmnist-32", "--class", "0", "--n", "2", "--refiner", "fmnist-32", "--refine-from", "4",
+            "--out", str(out))
+    assert r.code == 0, r.err
+    plain = cli("sample", "--ckpt", "fmnist-32", "--class", "0", "--n", "2", "--out", str(tmp_path / "p"))
+    assert plain.code == 0
+    for a, b in zip(sorted(out.glob("0*.png")), sorted((tmp_path / "p").glob("0*.png"))):
+        assert a.read_bytes() == b.read_bytes()
+    assert json.loads((out / "samples.json").read_text())["refiner"]["path"].endswith("fmnist-32")
+    for args, msg in (
+        (["--refiner", "fmnist-32-var", "--refine-from", "4"], "was trained on another tokenizer"),
+        (["--refine-from", "4"], "refine-from 4 needs a refiner model"),
+        (["--prune", "8"], "--prune: '8' is not PATCH:RATIO"),
+        (["--prune", "5:0.5"], r"prune: scale(s) [5] are not patch numbers"),
+        (["--prune", "8:1.5"], "prune ratio for scale 8 must be in [0, 1)"),
+        (["--kv-budget", "2"], "--kv-budget: '2' is not FIRST,RECENT"),
+        (["--decode-precision", "fp8"], "decode-precision"),
+    ):
+        bad = tmp_path / "bad"
+        r = cli("sample", "--ckpt", "fmnist-32", "--class", "0", "--n", "1", *args, "--out", str(bad))
+        lines = [ln for ln in r.err.splitlines() if ln.strip()]
+        assert r.code == 2 and len(lines) == 1 and msg in lines[0], (args, r.err)
+        assert not list(bad.glob("*.png"))

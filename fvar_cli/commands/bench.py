@@ -6,7 +6,9 @@ from typing import List, Optional
 
 import typer
 
-from ..options import DeviceOption, PresetOption, SampleCompileOption, SetOption, resolve, writable_file
+from ..options import (CfgScalesOption, DecodePrecisionOption, DeviceOption, KVBudgetOption, PresetOption,
+                       PruneOption, RefineFromOption, RefinerOption, SampleCompileOption, SetOption, resolve,
+                       writable_file)
 
 app = typer.Typer(help="Measure speed: images/s, peak memory, FLOPs, as JSON with the machine named.",
                   no_args_is_help=True)
@@ -76,6 +78,14 @@ def sample_cmd(
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Top-k (default: the preset's)."),
     top_p: Optional[float] = typer.Option(None, "--top-p", help="Top-p (default: the preset's)."),
     compile_: Optional[str] = SampleCompileOption,
+    cfg_scales: Optional[int] = CfgScalesOption,
+    prune: Optional[str] = PruneOption,
+    refiner: Optional[Path] = RefinerOption,
+    refiner_depth: Optional[int] = typer.Option(None, "--refiner-depth", min=1,
+                                                help="With --preset: a random-init refiner of this many blocks."),
+    refine_from: Optional[int] = RefineFromOption,
+    kv_budget: Optional[str] = KVBudgetOption,
+    decode_precision: Optional[str] = DecodePrecisionOption,
     flops: bool = typer.Option(True, "--flops/--no-flops", help="Count FLOPs per image (one extra batch-1 run)."),
     device: str = DeviceOption,
     json_out: Optional[Path] = JsonOption,
@@ -89,15 +99,21 @@ def sample_cmd(
         raise UserError("--set applies to --preset; a checkpoint's architecture is fixed")
     dev = pick_device(device)
     p = resolve(preset, overrides) if preset is not None else None
+    from fvar_core.sample.speedups import parse_kv_budget, parse_prune
+
+    speedups = {"cfg_scales": cfg_scales, "prune": parse_prune(prune) if prune else None, "refine_from": refine_from,
+                "kv_budget": parse_kv_budget(kv_budget) if kv_budget else None, "decode_precision": decode_precision}
     doc = sample_benchmark(preset=p, ckpt=ckpt, tokenizer=tokenizer, device=dev, batch=batch, steps=steps,
-                           warmup=warmup, flops=flops, cfg=cfg, top_k=top_k, top_p=top_p, compile=compile_)
+                           warmup=warmup, flops=flops, cfg=cfg, top_k=top_k, top_p=top_p, compile=compile_,
+                           speedups=speedups, refiner=refiner, refiner_depth=refiner_depth)
     res, mem, st = doc["results"], doc["results"]["peak_memory"], doc["settings"]
     typer.echo(f"sampling {doc['model']['preset']} ({doc['model']['resolution']}px, depth {doc['model']['depth']}) "
                f"on {doc['machine']['device']}: batch {batch}, {steps} timed batch(es), cfg {st['cfg']}, "
                f"top-k {st['top_k']}, top-p {st['top_p']}")
     typer.echo(f"{res['img_per_s']:.2f} img/s with decode, {res['img_per_s_no_decode']:.2f} img/s without "
                f"(decode {100 * res['decode_share']:.0f}% of the time); peak memory {mem['peak_gib']:.2f} GiB "
-               f"({mem['kind']})" + (f"; {res['gflop_per_img']['total']:.2f} GFLOP/img"
+               f"({mem['kind']}), KV cache {res['kv_cache_mib']:.1f} MiB"
+               + (f"; {res['gflop_per_img']['total']:.2f} GFLOP/img"
                                      if "gflop_per_img" in res else ""))
     _write(json_out, doc)
 

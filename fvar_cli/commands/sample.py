@@ -6,7 +6,8 @@ from typing import Optional
 
 import typer
 
-from ..options import DeviceOption, SampleCompileOption, writable_file, writable_folder
+from ..options import (CfgScalesOption, DecodePrecisionOption, DeviceOption, KVBudgetOption, PruneOption,
+                       RefineFromOption, RefinerOption, SampleCompileOption, writable_file, writable_folder)
 
 
 def sample(
@@ -35,6 +36,12 @@ def sample(
     batch: Optional[int] = typer.Option(None, "--batch", "-b", min=1,
                                         help="Images per forward pass (default: the preset's sample.batch_size)."),
     compile_: Optional[str] = SampleCompileOption,
+    cfg_scales: Optional[int] = CfgScalesOption,
+    prune: Optional[str] = PruneOption,
+    refiner: Optional[Path] = RefinerOption,
+    refine_from: Optional[int] = RefineFromOption,
+    kv_budget: Optional[str] = KVBudgetOption,
+    decode_precision: Optional[str] = DecodePrecisionOption,
     tokenizer: Optional[Path] = typer.Option(
         None, "--tokenizer", "-t", help="Tokenizer checkpoint (default: the one stored with the checkpoint)."),
     out: Path = typer.Option(Path("samples"), "--out", "-o", help="Folder for the PNGs, grid.png and samples.json.",
@@ -45,15 +52,22 @@ def sample(
     device: str = DeviceOption,
 ) -> None:
     """Sample images of the given classes; defaults come from the checkpoint's preset (`sample:`)."""
-    from fvar_core.sample.loading import default_source, open_models
+    from fvar_core.sample.loading import attach_refiner, default_source, open_models
     from fvar_core.sample.outputs import progress_bar, sample_to_dir
     from fvar_core.sample.sampler import settings_from
+    from fvar_core.sample.speedups import check_speedups, parse_kv_budget, parse_prune
 
     if ckpt is None:
         ckpt = default_source(say=typer.echo)
     models = open_models(ckpt, tokenizer, device)
     settings = settings_from(models.preset.sample, cfg=cfg, cfg_mode=cfg_mode, cfg_schedule=cfg_schedule,
-                             top_k=top_k, top_p=top_p, more_smooth=more_smooth, rng=rng, compile=compile_)
+                             top_k=top_k, top_p=top_p, more_smooth=more_smooth, rng=rng, compile=compile_,
+                             cfg_scales=cfg_scales, prune=parse_prune(prune) if prune else None,
+                             refine_from=refine_from, kv_budget=parse_kv_budget(kv_budget) if kv_budget else None,
+                             decode_precision=decode_precision)
+    if refiner is not None:
+        attach_refiner(models, refiner)
+    check_speedups(settings, models.var, models.refiner)  # before any image is drawn
     ids = models.class_ids(classes)
     ident = models.identity["checkpoint"]
     step = f", step {ident['step']}" if ident.get("step") is not None else ""

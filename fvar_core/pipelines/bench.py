@@ -23,7 +23,8 @@ from fvar_core.errors import UserError
 from fvar_core.atomic import atomic_write_bytes
 from fvar_core.models.tokenizer import Tokenizer
 from fvar_core.models.transformer import VAR
-from fvar_core.sample.loading import load_models
+from fvar_core.sample.loading import attach_refiner, load_models
+from fvar_core.sample.speedups import check_speedups
 from fvar_core.sample.sampler import decode_images, sample_batch, settings_from
 from fvar_core.train.loop import fit, to_device
 from fvar_core.train.transformer import VARTask
@@ -294,10 +295,11 @@ def write_result(path: PathLike, doc: Dict[str, Any]) -> Path:
 # ------------------------------------------------------------------------------------------------
 
 def bench_sample(var, tokenizer, settings, *, batch: int, steps: int, warmup: int = 1,
-                 flops: bool = True) -> Dict[str, Any]:
+                 flops: bool = True, refiner=None) -> Dict[str, Any]:
     """Time `sampler.sample_batch` (transformer + sampling → f̂) and the VQ-VAE decode separately,
     `steps` batches after `warmup` untimed ones; peak memory over the timed batches; FLOPs per
-    image counted once at batch 1 (FlopCounterMode). Models on their device, eval mode.
+    image counted once at batch 1 (FlopCounterMode). Models on their device, eval mode. The speed-ups
+    in `settings` (and `refiner`, for draft and refine) apply; kv_cache_mib is what a batch allocates.
 
     Labels cycle through the classes and seeds are 0, 1, …: random-init weights give the same
     work per token as trained ones (no early exit anywhere), so presets can be timed untrained."""
@@ -306,10 +308,14 @@ def bench_sample(var, tokenizer, settings, *, batch: int, steps: int, warmup: in
 
     def one(b: int, first_seed: int = 0, s=settings):
         labels = torch.arange(first_seed, first_seed + b) % nc
-        return sample_batch(var, tokenizer, labels, list(range(first_seed, first_seed + b)), s, decode=False)
+        return sample_batch(var, tokenizer, labels, list(range(first_seed, first_seed + b)), s, decode=False,
+                            refiner=refiner)
+
+    def decode(f_hat):
+        return decode_images(tokenizer, f_hat, settings.decode_precision)
 
     for i in range(warmup):
-        decode_images(tokenizer, one(batch, i * batch).f_hat)
+        decode(one(batch, i * batch).f_hat)
     t_sample, t_decode = Timings(), Timings()
     with PeakMemory(device) as mem:
         for i in range(steps):
@@ -317,7 +323,7 @@ def bench_sample(var, tokenizer, settings, *, batch: int, steps: int, warmup: in
                 res = one(batch, (warmup + i) * batch)
             t_sample.add(t.seconds)
             with Timer(device) as t:
-                decode_images(tokenizer, res.f_hat)
+                decode(res.f_hat)
             t_decode.add(t.seconds)
     totals = Timings([a + b for a, b in zip(t_sample.samples, t_decode.samples)])
     out: Dict[str, Any] = {
@@ -326,12 +332,13 @@ def bench_sample(var, tokenizer, settings, *, batch: int, steps: int, warmup: in
         "decode_share": t_decode.median / totals.median,
         "batch_seconds": {"sample": t_sample.summary(), "decode": t_decode.summary(), "total": totals.summary()},
         "peak_memory": mem.summary(),
+        "kv_cache_mib": res.kv_bytes / 2 ** 20,
     }
     if flops:
         eager = settings.model_copy(update={"compile": "off"})  # FlopCounterMode sees eager ops only
         f_model = count_flops(lambda: one(1, s=eager))
         res = one(1, s=eager)
-        f_dec = count_flops(lambda: decode_images(tokenizer, res.f_hat))
+        f_dec = count_flops(lambda: decode(res.f_hat))
         out["gflop_per_img"] = {"transformer": f_model / 1e9, "decode": f_dec / 1e9,
                                 "total": (f_model + f_dec) / 1e9}
         out["achieved_tflop_per_s"] = (f_model + f_dec) * batch / totals.median / 1e12
@@ -457,9 +464,14 @@ def count_train_flops(task, item, device: torch.device) -> int:
 def sample_benchmark(*, preset=None, ckpt: Optional[PathLike] = None, tokenizer: Optional[PathLike] = None,
                      device: torch.device, batch: int, steps: int, warmup: int, flops: bool,
                      cfg: Optional[float] = None, top_k: Optional[int] = None,
-                     top_p: Optional[float] = None, compile: Optional[str] = None) -> Dict[str, Any]:
+                     top_p: Optional[float] = None, compile: Optional[str] = None,
+                     speedups: Optional[Dict[str, Any]] = None, refiner: Optional[PathLike] = None,
+                     refiner_depth: Optional[int] = None) -> Dict[str, Any]:
     """`fvar bench sample`: a preset with random-init weights (no checkpoint needed) or a var
-    checkpoint with its tokenizer; the result document (machine, model, settings, results)."""
+    checkpoint with its tokenizer; the result document (machine, model, settings, results).
+    speedups: SampleConfig fields (cfg_scales, prune, refine_from, kv_budget, decode_precision);
+    the refiner is a checkpoint over the same tokenizer, or (with a preset) a random-init model
+    of `refiner_depth` blocks at the preset's width."""
     if (preset is None) == (ckpt is None):
         raise UserError("give exactly one of --preset NAME (random-init weights) or --ckpt CKPT")
     if preset is not None:
@@ -472,8 +484,22 @@ def sample_benchmark(*, preset=None, ckpt: Optional[PathLike] = None, tokenizer:
         models = load_models(ckpt, tokenizer, device)
         var, tok, p = models.var, models.tokenizer, models.preset
         source = {"source": "checkpoint", "preset": p.name, "checkpoint": models.identity["checkpoint"]}
-    settings = settings_from(p.sample, cfg=cfg, top_k=top_k, top_p=top_p, compile=compile)
-    res = bench_sample(var, tok, settings, batch=batch, steps=steps, warmup=warmup, flops=flops)
+    settings = settings_from(p.sample, cfg=cfg, top_k=top_k, top_p=top_p, compile=compile, **(speedups or {}))
+    ref = None
+    if refiner is not None:
+        if preset is not None:
+            raise UserError("--refiner is a checkpoint: with --preset use --refiner-depth")
+        ref = attach_refiner(models, refiner).refiner
+    elif refiner_depth is not None:
+        if preset is None:
+            raise UserError("--refiner-depth builds a random-init refiner for --preset: with --ckpt give --refiner")
+        rp = p.model.model_copy(update={"depth": refiner_depth})
+        torch.manual_seed(1)
+        ref = VAR(rp, p.patch_nums, p.tokenizer.vocab_size, p.tokenizer.z_channels).to(device).eval()
+    check_speedups(settings, var, ref)
+    res = bench_sample(var, tok, settings, batch=batch, steps=steps, warmup=warmup, flops=flops, refiner=ref)
+    if ref is not None:
+        source["refiner"] = {"depth": ref.depth, "width": ref.width, "params": sum(x.numel() for x in ref.parameters())}
     return {"benchmark": "sample", "created": utc_now(), "machine": machine(device),
             "model": {**source, "params": sum(x.numel() for x in var.parameters()), "depth": p.model.depth,
                       "width": p.model.width, "resolution": p.resolution, "seq_len": p.seq_len,

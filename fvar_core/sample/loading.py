@@ -44,7 +44,8 @@ class Models:
     var_ckpt: Any  # checkpoints.Checkpoint (state_dict dropped)
     tok_ckpt: Any
     device: torch.device
-    identity: Dict[str, Any] = field(default_factory=dict)  # {"checkpoint": ..., "tokenizer": ...}
+    identity: Dict[str, Any] = field(default_factory=dict)  # {"checkpoint": ..., "tokenizer": ...[, "refiner"]}
+    refiner: Any = None  # a second transformer over the same tokens (draft and refine), or None
 
     @property
     def preset(self):
@@ -136,3 +137,27 @@ def default_source(say=print) -> Union[Path, str]:
             raise
         say(f"no --ckpt and no var checkpoint under the runs folder: using the bundled release {name}")
         return name
+
+
+def same_token_space(a, b) -> bool:
+    """Whether two tokenizers give tokens the same meaning: the same scales and quantizer (codebook
+    and φ), equal up to half-precision storage (the bundled models keep float16 copies)."""
+    if tuple(a.quantize.patch_nums) != tuple(b.quantize.patch_nums):
+        return False
+    qa, qb = a.quantize.state_dict(), b.quantize.state_dict()
+    return qa.keys() == qb.keys() and all(
+        qa[k].shape == qb[k].shape and torch.allclose(qa[k].float().cpu(), qb[k].float().cpu(), rtol=2 ** -10, atol=1e-6)
+        for k in qa if qa[k].is_floating_point())
+
+
+def attach_refiner(models: Models, source: PathLike, tokenizer: Optional[PathLike] = None) -> Models:
+    """Load `source` as the refiner of draft-and-refine sampling (`SampleConfig.refine_from`), on the
+    draft model's device; a model of another token space is one line."""
+    ref = open_models(source, tokenizer, models.device)
+    if not same_token_space(models.tokenizer, ref.tokenizer):
+        raise UserError(f"refiner {ref.identity['checkpoint']['path']} was trained on another tokenizer "
+                        f"({ref.identity['tokenizer']['path']}) than {models.identity['checkpoint']['path']} "
+                        f"({models.identity['tokenizer']['path']}): draft and refine share one tokenizer")
+    models.refiner = ref.var
+    models.identity["refiner"] = ref.identity["checkpoint"]
+    return models

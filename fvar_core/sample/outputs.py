@@ -182,7 +182,8 @@ def sample_to_dir(models: Models, classes: Sequence[int], n: int, seed: int, set
     try:
         for lo in range(0, len(labels), chunk):
             hi = min(len(labels), lo + chunk)
-            res = sample(models.var, models.tokenizer, labels[lo:hi], seeds[lo:hi], settings, batch_size=chunk)
+            res = sample(models.var, models.tokenizer, labels[lo:hi], seeds[lo:hi], settings, batch_size=chunk,
+                         refiner=models.refiner)
             for i, img in zip(range(lo, hi), res.images):
                 part, name = _class_label(labels[i], num_classes, names)
                 path = out_dir / f"{i:04d}-{part}.png"
@@ -210,6 +211,7 @@ def sample_to_dir(models: Models, classes: Sequence[int], n: int, seed: int, set
     write_json(sidecar, {
         "format": "fvar-samples", "version": 1,
         "checkpoint": models.identity["checkpoint"], "tokenizer": models.identity["tokenizer"],
+        "refiner": models.identity.get("refiner"),
         "settings": {**settings.model_dump(mode="json"), "seed": seed, "n_per_class": n,
                      "classes": [int(c) for c in classes], "batch_size": chunk, "device": str(models.device)},
         "seed_rule": SEED_RULE if settings.rng == "per-image" else OFFICIAL_SEED_RULE, "resolution": models.preset.resolution,

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 
 from fvar_core.checks import check_labels
 from fvar_core.config import SampleConfig
+from fvar_core.cpualloc import keep_freed_memory
 from fvar_core.errors import UserError
 from fvar_core.sample.speedups import check_speedups, fill_pruned, kept_tokens, kv_capacity, kv_keeps
 
@@ -198,11 +199,13 @@ def smooth_ratio_tau(si: int, num_scales: int) -> tuple[float, float]:
 @dataclass
 class SampleResult:
     """tokens: K tensors (N, pn_k²) long (CPU); images: (N, 3, H, W) float32 in [0, 1] (CPU) or None;
-    f_hat: (N, Cv, P, P) float32 on the model's device (from `sample_batch` only)."""
+    f_hat: (N, Cv, P, P) float32 on the model's device (from `sample_batch` only); kv_bytes: the KV
+    caches one batch allocated (every model's; the largest batch's from `sample`)."""
 
     tokens: List[torch.Tensor]
     images: Optional[torch.Tensor] = None
     f_hat: Optional[torch.Tensor] = None
+    kv_bytes: int = 0
 
 
 def decode_images(tokenizer, f_hat: torch.Tensor, precision: str = "auto") -> torch.Tensor:
@@ -211,6 +214,8 @@ def decode_images(tokenizer, f_hat: torch.Tensor, precision: str = "auto") -> to
     / 'bf16' force one (bf16 on the CPU uses its bf16 matrix units where it has them)."""
     dev = f_hat.device.type
     bf16 = precision == "bf16" or (precision == "auto" and dev == "cuda")
+    if dev == "cpu":
+        keep_freed_memory()
     with torch.no_grad(), torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16):
         return (tokenizer.fhat_to_img(f_hat).float() * 0.5 + 0.5).clamp_(0, 1)
 
@@ -331,6 +336,7 @@ def sample_batch(var, tokenizer, labels: torch.Tensor, seeds: Sequence[int], set
     with amp:
         draft = _Stream(var, lab, settings, cache_dtype)
         streams = [draft] if refiner is None else [draft, _Stream(refiner, lab, settings, cache_dtype)]
+        kv_bytes = sum(st.cache.nbytes for st in streams)
         x_next = None  # (B, l, Cv): the next scale's input from f̂
         for si, pn in enumerate(pns):
             if settings.kv_budget is not None:
@@ -385,7 +391,7 @@ def sample_batch(var, tokenizer, labels: torch.Tensor, seeds: Sequence[int], set
                     for st in streams:
                         st.unguide(B)
     images = decode_images(tokenizer, f_hat, settings.decode_precision).cpu() if decode else None
-    return SampleResult([t.cpu() for t in tokens], images, f_hat)
+    return SampleResult([t.cpu() for t in tokens], images, f_hat, kv_bytes)
 
 
 def step_function(var, mode: str) -> Callable:
@@ -412,12 +418,12 @@ def _is_oom(e: BaseException) -> bool:
 def sample(var, tokenizer, labels: Sequence[int], seeds: Sequence[int], settings: SampleConfig, *,
            batch_size: Optional[int] = None, known: Optional[Sequence[torch.Tensor]] = None,
            known_mask: Optional[Sequence[torch.Tensor]] = None, decode: bool = True,
-           progress: Optional[Callable[[int, int], None]] = None) -> SampleResult:
+           progress: Optional[Callable[[int, int], None]] = None, refiner=None) -> SampleResult:
     """Sample N images in chunks of `batch_size` (default settings.batch_size).
 
     A chunk that runs out of GPU memory is retried at half the size; because every image has its
     own seed, chunking never changes an image. known / known_mask as in `sample_batch`, with N rows
-    (masks may have 1). progress(done, N) after every chunk."""
+    (masks may have 1). progress(done, N) after every chunk. refiner: as in `sample_batch`."""
     lab = torch.as_tensor(list(labels), dtype=torch.long)
     N = lab.numel()
     if len(seeds) != N:
@@ -425,7 +431,7 @@ def sample(var, tokenizer, labels: Sequence[int], seeds: Sequence[int], settings
     chunk = max(1, int(batch_size or settings.batch_size))
     toks: List[List[torch.Tensor]] = []
     imgs: List[torch.Tensor] = []
-    done = 0
+    done, kv = 0, 0
     while done < N:
         end = min(N, done + chunk)
         rows = slice(done, end)
@@ -433,7 +439,7 @@ def sample(var, tokenizer, labels: Sequence[int], seeds: Sequence[int], settings
         km = ([m if m.shape[0] == 1 else m[rows] for m in known_mask] if known_mask is not None else None)
         try:
             out = sample_batch(var, tokenizer, lab[rows], list(seeds[done:end]), settings, known=kn,
-                               known_mask=km, decode=decode)
+                               known_mask=km, decode=decode, refiner=refiner)
         except RuntimeError as e:
             if not _is_oom(e) or var.pos_1LC.device.type != "cuda":
                 raise
@@ -446,6 +452,7 @@ def sample(var, tokenizer, labels: Sequence[int], seeds: Sequence[int], settings
             chunk = max(1, chunk // 2)
             continue
         toks.append(out.tokens)
+        kv = max(kv, out.kv_bytes)
         if out.images is not None:
             imgs.append(out.images)
         done = end
@@ -454,4 +461,4 @@ def sample(var, tokenizer, labels: Sequence[int], seeds: Sequence[int], settings
     K = len(var.patch_nums)
     tokens = [torch.cat([t[k] for t in toks]) for k in range(K)] if toks else \
         [torch.zeros(0, p * p, dtype=torch.long) for p in var.patch_nums]
-    return SampleResult(tokens, torch.cat(imgs) if imgs else None)
+    return SampleResult(tokens, torch.cat(imgs) if imgs else None, kv_bytes=kv)

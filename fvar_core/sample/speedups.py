@@ -82,3 +82,26 @@ def fill_pruned(h_kept: torch.Tensor, keep: torch.Tensor, h_prev: torch.Tensor, 
                        align_corners=False)
     full = up.flatten(2).transpose(1, 2).to(h_kept.dtype).contiguous()  # (R, pn², C)
     return full.scatter_(1, keep.unsqueeze(-1).expand(-1, -1, C), h_kept)
+
+
+def parse_prune(text: str) -> dict:
+    """'13:0.5,16:0.7' → {13: 0.5, 16: 0.7} (patch number: share of tokens pruned); one-line error."""
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        pn, sep, ratio = part.partition(":")
+        try:
+            out[int(pn)] = float(ratio)
+        except ValueError:
+            raise UserError(f"--prune: {part!r} is not PATCH:RATIO (e.g. 13:0.5,16:0.7)") from None
+        if not sep:
+            raise UserError(f"--prune: {part!r} is not PATCH:RATIO (e.g. 13:0.5,16:0.7)")
+    return out
+
+
+def parse_kv_budget(text: str) -> Tuple[int, int]:
+    """'1,2' → (1, 2): the first scales and the most recent ones each scale attends to."""
+    try:
+        first, recent = (int(x) for x in text.split(","))
+    except ValueError:
+        raise UserError(f"--kv-budget: {text!r} is not FIRST,RECENT (e.g. 1,2)") from None
+    return first, recent
