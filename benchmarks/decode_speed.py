@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,7 @@ import time
 import torch
 
 from fvar_core.models.tokenizer import Tokenizer
+from fvar_core.pipelines.bench import machine
 from fvar_core.models.transformer import VAR
 from fvar_core.presets import load_preset
 from fvar_core.sample.sampler import decode_images, sample_batch
@@ -137,7 +137,7 @@ def main() -> None:
                 times[n] += json.loads(res.stdout.strip().splitlines()[-1])["times"]
         outs = {n: torch.load(f"{tmp}/{n.replace('/', '_')}.pt") for n in names}
     report = {"batch": a.batch, "ch": a.ch, "depth": a.depth, "rounds": a.rounds, "calls": a.calls,
-              "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine()}
+              "machine": machine(torch.device("cpu"))}
     for n in names:
         med = statistics.median(times[n])
         report[n] = {"median_s": med, "img_per_s": a.batch / med, "spread_s": [min(times[n]), max(times[n])]}

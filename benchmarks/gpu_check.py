@@ -49,6 +49,15 @@ JOBS = [
     ("tokenize-fvar", "bench tokenize --preset d16-256 --batch 16 --steps 3 --json {json}", 90),
     ("sample-d16-compiled", "bench sample --preset var-d16-256 --batch 64 --steps 3 --compile reduce-overhead "
                             "--no-flops --json {json}", 240),
+    # the training-free speed-ups (docs/sampling-speed.md), each against sample-d16 above
+    ("sample-d16-cfg-scales", "bench sample --preset var-d16-256 --batch 64 --steps 3 --cfg-scales 7 --no-flops "
+                              "--json {json}", 90),
+    ("sample-d16-prune", "bench sample --preset var-d16-256 --batch 64 --steps 3 --prune 13:0.5,16:0.75 --no-flops "
+                         "--json {json}", 90),
+    ("sample-d16-refine-d4", "bench sample --preset var-d16-256 --batch 64 --steps 3 --refiner-depth 4 "
+                             "--refine-from 7 --no-flops --json {json}", 90),
+    ("sample-d16-512-kv-budget", "bench sample --preset d16-512 --batch 16 --steps 2 --kv-budget 1,1 --no-flops "
+                                 "--json {json}", 120),
 ]
 
 
@@ -59,7 +68,8 @@ def dry(cmd: str) -> str:
     a = shlex.split(cmd)
     out: List[str] = []
     i = 0
-    toy = {"--preset": "tiny-64", "--batch": "2", "--steps": "1", "--warmup": "1"}
+    toy = {"--preset": "tiny-64", "--batch": "2", "--steps": "1", "--warmup": "1", "--prune": "4:0.5",
+           "--refine-from": "2", "--cfg-scales": "2"}
     while i < len(a):
         if a[i] in toy:
             out += [a[i], toy[a[i]]]

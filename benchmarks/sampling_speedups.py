@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import statistics
 import sys
 import time
@@ -169,7 +168,9 @@ def d16_table(a) -> str:
                              ("(b) prune 13×13: 50 %, 16×16: 75 %", {"prune": {13: 0.5, 16: 0.75}}, None),
                              ("(c) refine from 7 (4 of 16 blocks)", {"refine_from": 7}, small),
                              ("(d) KV budget 1, 1", {"kv_budget": (1, 1)}, None),
-                             ("bf16 decode", {"decode_precision": "bf16"}, None)):
+                             ("bf16 decode", {"decode_precision": "bf16"}, None),
+                             ("(a)+(b)+(c) + bf16 decode", {"cfg_scales": 7, "prune": {13: 0.5, 16: 0.75},
+                                                            "refine_from": 7, "decode_precision": "bf16"}, small)):
         s = p.sample.model_copy(update=over)
         sample_batch(var, tok, labels, [0, 1], s, refiner=ref)  # warm-up
         with CacheMeter() as m:
@@ -196,8 +197,10 @@ def main() -> None:
     ap.add_argument("--no-fixture", action="store_true")
     ap.add_argument("--out", default="-")
     a = ap.parse_args()
-    parts = [f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-             f"torch {torch.__version__}."]
+    from fvar_core.pipelines.bench import machine
+
+    m = machine(torch.device("cpu"))
+    parts = [f"Machine: {m['cpu']}, {m['cpu_cores']} cores, {m['torch_threads']} threads, torch {m['torch']}."]
     if not a.no_fixture:
         parts.append(fixture_table())
     if a.data:

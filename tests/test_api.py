@@ -134,3 +134,17 @@ def test_cli_samples_official_files_as_the_pipeline_does(cli, tmp_path, ckpt):
     assert png.tobytes() == official([7], seed=3, top_k=5)[0].tobytes()
     r = cli("sample", "--ckpt", str(var_pth), "--class", "7", "--out", str(tmp_path / "t"))
     assert r.code == 2 and "give the official VQ-VAE .pth as the tokenizer" in r.err
+
+
+def test_an_official_refiner_reads_the_draft_models_vq_vae(tmp_path, ckpt):
+    """Draft and refine with official files (as var_d30 + var_d16 would be): the refiner .pth needs no
+    tokenizer of its own; the same model as its own refiner gives the plain samples."""
+    pipe = fvar.Pipeline.from_pretrained(ckpt, device="cpu")
+    var_pth, vae_pth = tmp_path / "var_tiny.pth", tmp_path / "vae_tiny.pth"
+    torch.save(pipe.models.var.official_state_dict(), var_pth)
+    torch.save(pipe.models.tokenizer.official_state_dict(), vae_pth)
+    both = fvar.Pipeline.from_pretrained(var_pth, tokenizer=vae_pth, refiner=var_pth, device="cpu")
+    assert both.models.identity["refiner"]["path"].endswith("var_tiny.pth")
+    a = both.sample([7], n=2, seed=3, output="tensor", top_k=5, refine_from=2)
+    b = pipe.sample([7], n=2, seed=3, output="tensor", top_k=5)
+    assert torch.equal(a, b)

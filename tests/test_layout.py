@@ -49,4 +49,5 @@ def test_every_module_lives_in_a_stage_or_is_infrastructure():
     stages = sorted(p.name for p in ROOT.iterdir() if p.is_dir() and (p / "__init__.py").exists())
     assert stages == sorted(STAGES)
     assert top == sorted(["atomic", "checkpoints", "checks", "config", "devices", "environment", "envvars", "errors", "hashing",
-                          "interrupt", "jsondocs", "modelcard", "presets", "runlock", "runs", "bundle", "classnames"])
+                          "interrupt", "jsondocs", "modelcard", "presets", "runlock", "runs", "bundle", "classnames",
+                          "cpualloc"])

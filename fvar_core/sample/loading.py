@@ -152,7 +152,11 @@ def same_token_space(a, b) -> bool:
 
 def attach_refiner(models: Models, source: PathLike, tokenizer: Optional[PathLike] = None) -> Models:
     """Load `source` as the refiner of draft-and-refine sampling (`SampleConfig.refine_from`), on the
-    draft model's device; a model of another token space is one line."""
+    draft model's device; a model of another token space is one line. An official `.pth` refiner
+    is read with the draft model's tokenizer unless `tokenizer` names one (official var_d30 +
+    var_d16 share the VQ-VAE)."""
+    if tokenizer is None and Path(str(source)).suffix in OFFICIAL_SUFFIXES:
+        tokenizer = models.identity["tokenizer"]["path"]
     ref = open_models(source, tokenizer, models.device)
     if not same_token_space(models.tokenizer, ref.tokenizer):
         raise UserError(f"refiner {ref.identity['checkpoint']['path']} was trained on another tokenizer "
