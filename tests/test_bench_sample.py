@@ -92,14 +92,28 @@ def test_timer_measures_wall_time():
     assert 0.045 < t.seconds < 1.0
 
 
+PEAK_CHECK = """
+import time, torch
+from fvar_core.pipelines.bench import PeakMemory
+with PeakMemory("cpu", interval=0.001) as mem:
+    x = torch.ones(64 * 2 ** 20 // 4 * 4)  # 256 MiB, touched
+    time.sleep(0.02)
+    del x
+print(mem.kind, mem.delta_bytes, mem.peak_bytes)
+"""
+
+
 def test_peak_memory_sees_a_cpu_allocation():
-    with PeakMemory("cpu", interval=0.001) as mem:
-        x = torch.ones(64 * 2 ** 20 // 4 * 4)  # 256 MiB, touched
-        time.sleep(0.02)
-        del x
-    if mem.kind == "rss":
-        assert mem.delta_bytes > 200 * 2 ** 20
-    assert mem.peak_bytes > 256 * 2 ** 20
+    # a fresh process: once fvar has decoded on the CPU, glibc keeps freed memory (fvar_core/cpualloc.py),
+    # so in this test process a new tensor may reuse pages the RSS already counts
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", PEAK_CHECK], capture_output=True, text=True, check=True).stdout
+    kind, delta, peak = out.split()
+    if kind == "rss":
+        assert int(delta) > 200 * 2 ** 20
+    assert int(peak) > 256 * 2 ** 20
 
 
 def test_count_flops_counts_a_matmul():

@@ -151,7 +151,9 @@ class PeakMemory:
     CUDA: `torch.cuda.max_memory_allocated` after a reset (kind 'cuda_allocated'). CPU: the process
     RSS sampled every `interval` s by a thread (kind 'rss'; `peak_bytes` is the whole process,
     `delta_bytes` the growth over the RSS at entry). Without /proc: ru_maxrss (kind 'maxrss', the
-    process lifetime peak, so only an upper bound)."""
+    process lifetime peak, so only an upper bound). Once fvar has decoded on the CPU, glibc keeps
+    freed memory (`cpualloc`): `peak_bytes` is still the process's peak, but `delta_bytes` counts
+    only growth beyond the memory the process already holds."""
 
     def __init__(self, device: Union[str, torch.device] = "cpu", interval: float = 0.005):
         self.device = torch.device(device)
