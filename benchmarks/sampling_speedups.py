@@ -1,7 +1,7 @@
 """The training-free sampling speed-ups, measured: speed, memory and quality, as a Markdown table.
 
     python benchmarks/sampling_speedups.py --data release/data [--refiner RUN] [--seeds 3] \
-        [--per-class 100] [--d16] [--out benchmarks/speedups.md]
+        [--per-class 100] [--d16] [--results benchmarks/RESULTS.md]
 
 Three parts, each optional:
 - release (needs --data, the `fvar release train` export with train/ and test/): the bundled
@@ -186,6 +186,18 @@ def d16_table(a) -> str:
     return "\n".join(lines)
 
 
+def write_into(results: Path, tables: dict) -> None:
+    """Replace each measured table between its markers in `results` (the prose around them stays)."""
+    text = results.read_text()
+    for name, table in tables.items():
+        begin, end = f"<!-- sampling_speedups:{name} -->", f"<!-- /sampling_speedups:{name} -->"
+        if begin not in text or end not in text:
+            raise SystemExit(f"{results}: no {begin} … {end} block to replace")
+        head, rest = text.split(begin, 1)
+        text = head + begin + "\n" + table + "\n" + end + rest.split(end, 1)[1]
+    results.write_text(text)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", help="the fvar release data export (train/, test/)")
@@ -195,19 +207,25 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=100)
     ap.add_argument("--d16", action="store_true")
     ap.add_argument("--no-fixture", action="store_true")
-    ap.add_argument("--out", default="-")
+    ap.add_argument("--out", default="-", help="a Markdown file to write, or - for stdout")
+    ap.add_argument("--results", help="also replace the measured tables in this file (benchmarks/RESULTS.md) "
+                                      "between its <!-- sampling_speedups:PART --> markers")
     a = ap.parse_args()
     from fvar_core.pipelines.bench import machine
 
     m = machine(torch.device("cpu"))
     parts = [f"Machine: {m['cpu']}, {m['cpu_cores']} cores, {m['torch_threads']} threads, torch {m['torch']}."]
+    tables = {}
     if not a.no_fixture:
-        parts.append(fixture_table())
+        tables["fixture"] = fixture_table()
     if a.data:
-        parts.append(release_table(a))
+        tables["release"] = release_table(a)
     if a.d16:
-        parts.append(d16_table(a))
+        tables["d16"] = d16_table(a)
+    parts += tables.values()
     text = "\n\n".join(parts) + "\n"
+    if a.results:
+        write_into(Path(a.results), tables)
     if a.out == "-":
         print(text)
     else:
