@@ -285,7 +285,8 @@ class _Stream:
 @torch.no_grad()
 def sample_batch(var, tokenizer, labels: torch.Tensor, seeds: Sequence[int], settings: SampleConfig, *,
                  known: Optional[Sequence[torch.Tensor]] = None, known_mask: Optional[Sequence[torch.Tensor]] = None,
-                 decode: bool = True, observe: Optional[Observer] = None, refiner=None) -> SampleResult:
+                 decode: bool = True, observe: Optional[Observer] = None, refiner=None,
+                 on_scale: Optional[Callable[[int, torch.Tensor], None]] = None) -> SampleResult:
     """Sample B images in one pass (no chunking). Both models on the same device, in eval mode.
 
     labels: (B,) int64, num_classes = unconditional; seeds: B ints.
@@ -295,6 +296,8 @@ def sample_batch(var, tokenizer, labels: torch.Tensor, seeds: Sequence[int], set
     observe: called per scale with the guided logits and the sampled tokens (before forcing).
     refiner: a second VAR over the same tokenizer that samples from scale settings.refine_from on
     (draft and refine); the speed-up settings are checked by `speedups.check_speedups`.
+    on_scale: called after every scale with (si, f̂ so far (B, Cv, P, P)) — the image coming into
+    focus (the studio decodes and streams it).
     """
     device = var.pos_1LC.device
     quant = tokenizer.quantize
@@ -384,6 +387,8 @@ def sample_batch(var, tokenizer, labels: torch.Tensor, seeds: Sequence[int], set
             h_BChw = h.transpose(1, 2).reshape(B, Cv, pn, pn).float()
             with torch.autocast(device.type, enabled=False):  # the VQ side in float32 (cheap: Cv × P²)
                 f_hat, nxt = quant.next_ar_input(si, f_hat, h_BChw)
+            if on_scale is not None:
+                on_scale(si, f_hat)
             if si < K - 1:
                 x_next = nxt.flatten(2).transpose(1, 2)  # (B, l', Cv)
                 if guided and settings.cfg_scales and si + 1 == settings.cfg_scales:

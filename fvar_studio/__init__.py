@@ -1,0 +1,1 @@
+"""fvar studio: the models in a browser (Gradio), a presentation layer over the library."""
