@@ -172,9 +172,12 @@ def test_kill_9_during_tokenize_then_rerun_gives_the_same_shards(world, tmp_path
 # ------------------------------------------------------------------------------ Ctrl-C
 def test_ctrl_c_says_where_the_run_stopped_and_the_command_that_resumes_it(world, tmp_path):
     run = tmp_path / "run"
-    # 40 steps: the interrupt lands long before the end (with 10, a fast machine sometimes finished first)
+    # Ctrl-C in a terminal: SIGINT handled by default in the child even when this test runs under a
+    # shell that started it in the background (which makes children inherit SIGINT ignored, and the
+    # run would then finish with exit 0)
     p = subprocess.Popen([*FVAR, *_train_cmd(world["data"], run, 40)], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env=_env())
+                         stderr=subprocess.PIPE, text=True, env=_env(),
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert _wait_for(lambda: _metrics_steps(run) >= 3, p)
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=120)
