@@ -10,9 +10,10 @@ from typing import Any, Dict, List, Optional
 
 import gradio as gr
 import numpy as np
+from PIL import Image
 
 from fvar_core.errors import UserError
-from fvar_studio.service import MAX_PER_CLASS, Studio
+from fvar_studio.service import MAX_PER_CLASS, Studio, focus_sheet
 
 log = logging.getLogger("fvar.studio")
 ALIAS_COLUMNS = ["k", "size", "ρ px", "leak area dB", "leak focus dB", "Δ dB", "kept area", "kept focus"]
@@ -73,8 +74,8 @@ def build(studio: Studio) -> gr.Blocks:
                     more_smooth = gr.Checkbox(s0.more_smooth, label="more smooth")
                     rng = gr.Radio(["per-image", "official"], value=s0.rng, label="random stream")
             go = gr.Button("Generate", variant="primary", elem_id="gen-button")
-            strips = gr.Gallery(label="into focus: the image after each scale (first model above, second below)",
-                                columns=1, height="auto", format="png", elem_id="gen-strips")
+            strips = gr.Image(type="pil", format="png", label="into focus: each image after every scale (with a "
+                              "second model: its row below, same class and seed)", elem_id="gen-strips")
             gallery = gr.Gallery(label="samples", columns=8, height="auto", format="png", elem_id="gen-gallery")
             command = gr.Textbox(label="the same images from the command line", elem_id="gen-command")
             download = gr.File(label="PNGs + generation.json", elem_id="gen-download")
@@ -91,7 +92,8 @@ def build(studio: Studio) -> gr.Blocks:
                     for ev in studio.generate(name, chosen or [], n_, seed_ if seed_ is not None else 0,
                                               _values(*settings), compare=other):
                         if ev.kind == "scale":
-                            yield ev.strips, gr.skip(), gr.skip(), gr.skip()
+                            pns = studio.pipe(name).preset.patch_nums
+                            yield focus_sheet(ev.strips, pns, pair=ev.pair), gr.skip(), gr.skip(), gr.skip()
                         else:
                             yield (gr.skip(), list(zip(ev.images, ev.captions)), ev.command, str(ev.folder))
                 except Exception as e:
@@ -117,10 +119,11 @@ def build(studio: Studio) -> gr.Blocks:
                                        elem_id="edit-outpaint")
                 fit = gr.Slider(0.25, 0.95, value=0.6, step=0.05, label="outpaint: the image's share of the canvas")
             e_go = gr.Button("Inpaint", variant="primary", elem_id="edit-button")
-            result = gr.Image(type="numpy", label="result", format="png", elem_id="edit-result", height=320)
+            shown = gr.Image(type="pil", label="input | mask | result (enlarged)", format="png", elem_id="edit-compare")
+            result = gr.Image(type="numpy", label="result (its own size)", format="png", elem_id="edit-result")
             e_command = gr.Textbox(label="the same edit from the command line (files in the download)",
                                    elem_id="edit-command")
-            e_files = gr.File(label="input.png, mask.png", file_count="multiple")
+            e_files = gr.File(label="input.png, mask.png", file_count="multiple", elem_id="edit-files")
 
             e_model.change(lambda nm: gr.update(choices=["unconditional"] + studio.class_choices(nm),
                                                 value="unconditional"), e_model, e_class)
@@ -136,15 +139,17 @@ def build(studio: Studio) -> gr.Blocks:
             def inpaint(name, cls, seed_, ed, out_, fit_):
                 try:
                     img, mask = _mask_of(ed)
-                    res, cmd, d = studio.edit(name, img, mask, cls, seed_ if seed_ is not None else 0, {},
-                                              outpaint=fit_ if out_ else None)
+                    res, cmd, d, compare_ = studio.edit(name, img, mask, cls, seed_ if seed_ is not None else 0, {},
+                                                        outpaint=fit_ if out_ else None)
                     files = [str(p) for p in (d / "input.png", d / "mask.png") if p.exists()]
-                    return np.asarray(res), cmd, files
+                    scale = max(1, 480 // compare_.width)
+                    big = compare_.resize((compare_.width * scale, compare_.height * scale), Image.NEAREST)
+                    return big, np.asarray(res), cmd, files
                 except Exception as e:
                     raise _message(e)
 
             e_go.click(inpaint, [e_model, e_class, e_seed, editor, outpaint, fit],
-                       [result, e_command, e_files], api_name="inpaint", concurrency_limit=1)
+                       [shown, result, e_command, e_files], api_name="inpaint", concurrency_limit=1)
 
         with gr.Tab("Pyramid"):
             from fvar_core.presets import list_presets

@@ -59,6 +59,7 @@ class Event:
 
     kind: str
     si: int = -1
+    pair: bool = False  # strips alternate: the first model's, then the second's
     strips: List[Image.Image] = field(default_factory=list)
     images: List[Image.Image] = field(default_factory=list)
     captions: List[str] = field(default_factory=list)
@@ -196,8 +197,8 @@ class Studio:
                 if r == 0:
                     yield Event("scale", si=si, strips=[strip_image(strips[0][i][:si + 1], K) for i in range(total)])
                 elif si == len(runs[1][1].preset.patch_nums) - 1:  # the comparison, once complete
-                    yield Event("scale", si=si, strips=[stack([strip_image(strips[0][i], K),
-                                                               strip_image(strips[1][i], K)]) for i in range(total)])
+                    yield Event("scale", si=si, pair=True, strips=[strip_image(strips[r][i], K)
+                                                                   for i in range(total) for r in (0, 1)])
                 continue
             outs = item[1]
             images = [to_pil(im) for im in outs[0].images]
@@ -226,11 +227,11 @@ class Studio:
 
     # ------------------------------------------------------------------------------- editing
     def edit(self, name: str, image: np.ndarray, mask: Optional[np.ndarray], cls: Optional[str], seed: int,
-             values: Dict[str, Any], outpaint: Optional[float] = None) -> Tuple[Image.Image, str, Path]:
+             values: Dict[str, Any], outpaint: Optional[float] = None) -> Tuple[Image.Image, str, Path, Image.Image]:
         """Inpaint where mask is True (H, W) — or outpaint: the image shrunk to `outpaint` of the
         model's canvas, centred, the rest generated — through `fvar inpaint`'s own function; returns
-        the result, the command that reproduces it (with the saved input and mask files) and the
-        folder holding them."""
+        the result, the command that reproduces it (with the saved input and mask files), the
+        folder holding them, and `fvar inpaint`'s compare.png (input | mask | result)."""
         from fvar_core.sample.inpaint import edit_to_dir
 
         pipe = self.pipe(name)
@@ -262,7 +263,7 @@ class Studio:
         argv += (["--class", str(label)] if label is not None else []) + [
             "--seed", str(seed), "--cfg", f"{s.cfg:g}", "--cfg-mode", s.cfg_mode, "--top-k", str(s.top_k),
             "--top-p", f"{s.top_p:g}", "--more-smooth" if s.more_smooth else "--no-more-smooth", "--out", "edit"]
-        return Image.open(run.result).convert("RGB"), shlex.join(argv), d
+        return Image.open(run.result).convert("RGB"), shlex.join(argv), d, Image.open(run.compare).convert("RGB")
 
     # ------------------------------------------------------------------------------ pyramid
     @staticmethod
@@ -314,20 +315,31 @@ class Studio:
                 "curves": curves, "grids": [str(g) for g in grids]}
 
 
-def strip_image(frames: Sequence[Image.Image], K: int, cell: int = 96) -> Image.Image:
+def focus_sheet(strips: Sequence[Image.Image], patch_nums: Sequence[int], pair: bool = False) -> Image.Image:
+    """Every image's focus strip, one row each (with `pair`, rows come in twos — the first model's,
+    then the second's — and pairs are spaced apart), under a header naming each scale."""
+    from PIL import ImageDraw
+
+    w = max(s.width for s in strips)
+    cell = strips[0].height
+    gap = lambda i: 10 if pair and i % 2 == 0 and i else 2  # noqa: E731
+    height = 14 + sum(s.height + gap(i) for i, s in enumerate(strips))
+    out = Image.new("RGB", (w, height), "white")
+    draw = ImageDraw.Draw(out)
+    for k, p in enumerate(patch_nums):
+        draw.text((k * (cell + 2) + 2, 1), f"{p}x{p}", fill=(60, 60, 60))  # PIL's built-in font has no ×
+    y = 14
+    for i, s in enumerate(strips):
+        y += gap(i)
+        out.paste(s, (0, y))
+        y += s.height
+    return out
+
+
+def strip_image(frames: Sequence[Image.Image], K: int, cell: int = 64) -> Image.Image:
     """Frames (the image after each scale so far) side by side, K cells wide, NEAREST-scaled so
     that blocks look like blocks."""
     out = Image.new("RGB", (K * (cell + 2), cell), "white")
     for k, f in enumerate(frames):
         out.paste(f.resize((cell, cell), Image.NEAREST), (k * (cell + 2), 0))
-    return out
-
-
-def stack(rows: Sequence[Image.Image], gap: int = 4) -> Image.Image:
-    w = max(r.width for r in rows)
-    out = Image.new("RGB", (w, sum(r.height for r in rows) + gap * (len(rows) - 1)), "white")
-    y = 0
-    for r in rows:
-        out.paste(r, (0, y))
-        y += r.height + gap
     return out

@@ -83,7 +83,7 @@ def test_inpaint_equals_fvar_inpaint_and_changes_only_inside_the_mask(client, cl
     layer = tmp_path / "layer.png"
     Image.fromarray(_rgba_layer(32, 32, (0, 16, 0, 32))).save(layer)  # paint the top half
     editor = {"background": handle_file(str(src)), "layers": [handle_file(str(layer))], "composite": None}
-    result, command, files = client.predict(FVAR, "5 · sandal", 3, editor, False, 0.6, api_name="/inpaint")
+    shown, result, command, files = client.predict(FVAR, "5 · sandal", 3, editor, False, 0.6, api_name="/inpaint")
     out = np.asarray(Image.open(result).convert("RGB"))
     assert out.shape == (32, 32, 3)
     # the command reads the input and mask the studio saved: run it beside them
@@ -152,7 +152,7 @@ def test_outpaint_equals_fvar_inpaint_outpaint(client, cli, tmp_path):
     img[6:26, 10:22] = 200  # a bright garment-like block on black, as the release's data
     Image.fromarray(img).save(src)
     editor = {"background": handle_file(str(src)), "layers": [], "composite": None}
-    result, command, files = client.predict(FVAR, "8 · bag", 1, editor, True, 0.5, api_name="/inpaint")
+    _, result, command, files = client.predict(FVAR, "8 · bag", 1, editor, True, 0.5, api_name="/inpaint")
     assert "--outpaint --fit 0.5" in command and [Path(f).name for f in files] == ["input.png"]
     argv = shlex.split(command)[1:]
     argv[argv.index("--image") + 1] = files[0]
