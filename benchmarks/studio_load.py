@@ -7,8 +7,9 @@ Starts `fvar studio` (the bundled release and its twin, CPU) in its own process 
   8 images of one class requested with the default settings (the twin beside it), Generate pressed;
   seconds until the first focus strip shows and until the gallery holds all 8 — per round.
 - load: --clients gradio_client clients at once, each --requests generations of 4 images;
-  every answer checked (4 images), the server's RSS after a warm-up request, at the end, and
-  whether the server still answers.
+  every answer checked (4 images), the server's RSS after a warm-up request and after each
+  round of the load (--load-rounds), and whether the server still answers. FVAR_MALLOC=default
+  in the environment serves with glibc's default allocator (fvar_core/cpualloc.py).
 """
 from __future__ import annotations
 
@@ -110,7 +111,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--clients", type=int, default=20)
     ap.add_argument("--requests", type=int, default=3)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3, help="browser rounds")
+    ap.add_argument("--load-rounds", type=int, default=2, help="the load, repeated: memory that plateaus is "
+                                                               "retained by the allocator, memory that grows leaks")
+    ap.add_argument("--no-browser", action="store_true")
     a = ap.parse_args()
     port = free_port()
     fvar = str(Path(sys.executable).with_name("fvar"))
@@ -131,10 +135,13 @@ def main() -> None:
                 time.sleep(0.5)
         c.predict(FVAR, TWIN, ["7 · sneaker"], 4, 0, *DEFAULTS, api_name="/generate")  # warm-up
         report = {"rss_after_warmup_mib": rss(server.pid) / 2 ** 20}
-        if shutil.which("chromium") and shutil.which("chromedriver"):
+        if shutil.which("chromium") and shutil.which("chromedriver") and not a.no_browser:
             report["browser"] = browser_rounds(url, a.rounds)
-        report["load"] = load(url, a.clients, a.requests)
-        report["rss_after_load_mib"] = rss(server.pid) / 2 ** 20
+            report["rss_after_browser_mib"] = rss(server.pid) / 2 ** 20
+        report["load"] = []
+        for _ in range(a.load_rounds):
+            report["load"].append(load(url, a.clients, a.requests))
+            report["load"][-1]["rss_after_mib"] = rss(server.pid) / 2 ** 20
         res = Client(url, verbose=False).predict(FVAR, "(none)", ["0 · t shirt top"], 1, 0, *DEFAULTS,
                                                  api_name="/generate")
         report["alive_after"] = server.poll() is None and len(res[1]) == 1
