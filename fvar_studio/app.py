@@ -27,6 +27,30 @@ def _message(e: BaseException) -> gr.Error:
     return gr.Error(f"internal error ({type(e).__name__}): {e}", print_exception=False)
 
 
+def _readable(base):
+    """`base` (an image input) whose failure to read an upload is one message in the page, not
+    Gradio's processing error with a traceback in the server log. A template of `base`, so the
+    page draws it as one."""
+
+    class Readable(base):
+        is_template = True
+
+        def preprocess(self, payload):
+            try:
+                return super().preprocess(payload)
+            except gr.Error:
+                raise
+            except Exception:
+                raise gr.Error("the upload is not an image fvar can read (PNG, JPEG, WebP, …)",
+                               print_exception=False) from None
+
+    Readable.__name__ = f"Readable{base.__name__}"
+    return Readable
+
+
+ImageEditor, ImageInput = _readable(gr.ImageEditor), _readable(gr.Image)
+
+
 def _values(cfg, cfg_mode, cfg_schedule, top_k, top_p, more_smooth, rng) -> Dict[str, Any]:
     return {"cfg": cfg, "cfg_mode": cfg_mode, "cfg_schedule": cfg_schedule, "top_k": None if top_k is None else int(top_k),
             "top_p": top_p, "more_smooth": more_smooth, "rng": rng}
@@ -110,7 +134,7 @@ def build(studio: Studio) -> gr.Blocks:
                                       filterable=True, allow_custom_value=True, label="class",
                                       elem_id="edit-class")
                 e_seed = gr.Number(0, precision=0, label="seed", elem_id="edit-seed")
-            editor = gr.ImageEditor(type="numpy", label="image — paint (white brush) where to regenerate",
+            editor = ImageEditor(type="numpy", label="image — paint (white brush) where to regenerate",
                                     brush=gr.Brush(colors=["#ffffff"], default_size=6), elem_id="edit-canvas",
                                     height=400)
             take = gr.Button("use the first sample of the gallery")
@@ -155,7 +179,7 @@ def build(studio: Studio) -> gr.Blocks:
             from fvar_core.presets import list_presets
 
             with gr.Row():
-                p_image = gr.Image(type="numpy", label="your image (optional)", height=256)
+                p_image = ImageInput(type="numpy", label="your image (optional)", height=256)
                 with gr.Column():
                     p_builtin = gr.Radio(["chart", "zone-plate"], value="zone-plate", label="or a built-in image")
                     p_preset = gr.Dropdown([p for p in list_presets() if not p.startswith("_")], value="d16-256",

@@ -138,9 +138,11 @@ def test_bad_edit_requests_are_messages(client, tmp_path):
                                                   "composite": None}, False, 0.6, api_name="/inpaint")
     text = tmp_path / "notes.png"
     text.write_text("not an image")
-    with pytest.raises(Exception):
+    with pytest.raises(Exception, match=r"^the upload is not an image fvar can read"):
         client.predict(FVAR, "unconditional", 0, {"background": handle_file(str(text)), "layers": [],
                                                   "composite": None}, False, 0.6, api_name="/inpaint")
+    with pytest.raises(Exception, match=r"^the upload is not an image fvar can read"):
+        client.predict(handle_file(str(text)), "zone-plate", "d16-256", "disk", "cosine", 1.5, api_name="/pyramid")
     # still serving
     fig, rows = client.predict(None, "zone-plate", "d16-256", "disk", "cosine", 1.5, api_name="/pyramid")
     assert Path(fig).is_file() and len(rows["data"]) == 10
