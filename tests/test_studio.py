@@ -181,3 +181,24 @@ def test_the_cli_refuses_bad_auth_and_says_how_to_install_gradio(cli, monkeypatc
     r = cli("studio")
     lines = [ln for ln in r.err.splitlines() if ln.strip()]
     assert r.code == 2 and len(lines) == 1 and "pip install 'fvar[studio]'" in lines[0]
+
+
+def test_the_model_tab_reads_a_run_folder(tmp_path_factory):
+    """A run folder's card, preset and classes; its curves drawn from metrics.jsonl, its sample grids."""
+    import json as _json
+
+    from fvar_studio.service import Studio
+    from tests.test_sample_cli import tiny_runs_dir
+
+    run = tiny_runs_dir(tmp_path_factory) / "x"
+    with (run / "metrics.jsonl").open("w") as f:
+        for step in range(1, 6):
+            f.write(_json.dumps({"step": step, "loss": 5.0 / step}) + "\n")
+    (run / "samples").mkdir(exist_ok=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(run / "samples" / "step-0000001.png")
+    studio = Studio([(str(run), None)], device="cpu")
+    (name,) = studio.pipes
+    info = studio.model_info(name)
+    assert "tiny-64" in info["preset"] and len(info["classes"]) == studio.pipe(name).num_classes
+    assert info["curves"] is not None and Path(info["curves"]).is_file()
+    assert [Path(g).name for g in info["grids"]] == ["step-0000001.png"]
