@@ -129,8 +129,8 @@ class Studio:
         src, tok = self.sources[name]
         argv = ["fvar", "sample", "--ckpt", src] + (["--tokenizer", tok] if tok else [])
         argv += ["--class", ",".join(str(i) for i in ids), "--n", str(n), "--seed", str(seed),
-                 "--cfg", f"{s.cfg:g}", "--cfg-mode", s.cfg_mode, "--cfg-schedule", s.cfg_schedule,
-                 "--top-k", str(s.top_k), "--top-p", f"{s.top_p:g}",
+                 "--cfg", repr(s.cfg), "--cfg-mode", s.cfg_mode, "--cfg-schedule", s.cfg_schedule,
+                 "--top-k", str(s.top_k), "--top-p", repr(s.top_p),
                  "--more-smooth" if s.more_smooth else "--no-more-smooth", "--rng", s.rng,
                  "--batch", str(batch), "--out", "samples"]
         return shlex.join(argv)
@@ -249,7 +249,7 @@ class Studio:
             fit = float(outpaint)
             run = edit_to_dir(pipe.models, d / "input.png", d / "out", outpaint=True, fit=fit, label=label,
                               seed=seed, settings=s)
-            argv += ["--outpaint", "--fit", f"{fit:g}"]
+            argv += ["--outpaint", "--fit", repr(fit)]
         else:
             if mask is None or not np.asarray(mask).any():
                 raise UserError("the mask is empty: paint the region to regenerate")
@@ -261,8 +261,8 @@ class Studio:
                               settings=s)
             argv += ["--mask", "mask.png"]
         argv += (["--class", str(label)] if label is not None else []) + [
-            "--seed", str(seed), "--cfg", f"{s.cfg:g}", "--cfg-mode", s.cfg_mode, "--top-k", str(s.top_k),
-            "--top-p", f"{s.top_p:g}", "--more-smooth" if s.more_smooth else "--no-more-smooth", "--out", "edit"]
+            "--seed", str(seed), "--cfg", repr(s.cfg), "--cfg-mode", s.cfg_mode, "--top-k", str(s.top_k),
+            "--top-p", repr(s.top_p), "--more-smooth" if s.more_smooth else "--no-more-smooth", "--out", "edit"]
         return Image.open(run.result).convert("RGB"), shlex.join(argv), d, Image.open(run.compare).convert("RGB")
 
     # ------------------------------------------------------------------------------ pyramid

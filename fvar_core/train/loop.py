@@ -289,6 +289,11 @@ def fit(task: Task, data: Any, run_dir: Union[str, Path, CheckedRunDir], *, devi
         tracking.finish()
         if lock is not None:
             lock.release()
+        if acc.num_processes > 1:
+            # Leave no process group for the interpreter's exit to tear down: gloo's threads, destroyed
+            # unjoined there, aborted a rank now and then ("terminate called without an active
+            # exception", exit -6) after a run that had finished and saved.
+            acc.state.destroy_process_group()
 
 
 def _accelerator(cfg: LoopConfig, device: Optional[str], trackers: Sequence[str] = (),
