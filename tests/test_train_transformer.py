@@ -6,6 +6,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -209,7 +210,11 @@ def test_two_process_accelerate_launch_agrees_on_weights(tokens, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_CONFIG_FILE": str(tmp_path / "none.yaml")}
     for mode in ("train", "distill"):
         run = tmp_path / mode
-        cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+        with socket.socket() as sock:  # a free rendezvous port: torchrun's fixed 29500 may still be held
+            sock.bind(("127.0.0.1", 0))
+            port = str(sock.getsockname()[1])
+        cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--main_process_port", port,
+               "--mixed_precision", "no",
                "--dynamo_backend", "no", "-m", "fvar_cli.app", mode, "--preset", "tiny-64", "--tokens", str(shards),
                "--out", str(run), "--steps", "3", *_sets(*FAST, "train.batch_size=4", "train.ckpt_every=3")]
         p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
