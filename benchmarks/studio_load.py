@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 FVAR, TWIN = "fmnist-32 (FVAR, 32 px)", "fmnist-32-var (VAR, 32 px)"
-DEFAULTS = (1.5, "var", "linear", 900, 0.96, False, "per-image")
+DEFAULTS = (1.5, "var", "linear", 900, 0.96, False, "per-image", 0, "", "", "auto")
 
 
 def rss(pid: int) -> int:

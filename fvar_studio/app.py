@@ -51,9 +51,12 @@ def _readable(base):
 ImageEditor, ImageInput = _readable(gr.ImageEditor), _readable(gr.Image)
 
 
-def _values(cfg, cfg_mode, cfg_schedule, top_k, top_p, more_smooth, rng) -> Dict[str, Any]:
+def _values(cfg, cfg_mode, cfg_schedule, top_k, top_p, more_smooth, rng, cfg_scales=0, prune="", kv_budget="",
+            decode_precision="auto") -> Dict[str, Any]:
     return {"cfg": cfg, "cfg_mode": cfg_mode, "cfg_schedule": cfg_schedule, "top_k": None if top_k is None else int(top_k),
-            "top_p": top_p, "more_smooth": more_smooth, "rng": rng}
+            "top_p": top_p, "more_smooth": more_smooth, "rng": rng,
+            "cfg_scales": None if cfg_scales is None else int(cfg_scales), "prune": (prune or "").strip(),
+            "kv_budget": (kv_budget or "").strip(), "decode_precision": decode_precision}
 
 
 def _mask_of(editor: Optional[dict]) -> tuple:
@@ -97,6 +100,12 @@ def build(studio: Studio) -> gr.Blocks:
                     top_p = gr.Number(s0.top_p, label="top-p (0 = off)")
                     more_smooth = gr.Checkbox(s0.more_smooth, label="more smooth")
                     rng = gr.Radio(["per-image", "official"], value=s0.rng, label="random stream")
+            with gr.Accordion("faster sampling (training-free; costs quality: benchmarks/RESULTS.md)", open=False):
+                with gr.Row():
+                    cfg_scales = gr.Number(0, precision=0, label="guidance on the first N scales (0 = all)")
+                    prune = gr.Textbox("", label="prune PATCH:RATIO,… (e.g. 8:0.5)")
+                    kv_budget = gr.Textbox("", label="KV budget FIRST,RECENT (e.g. 1,1)")
+                    decode_precision = gr.Radio(["auto", "fp32", "bf16"], value="auto", label="decode precision")
             go = gr.Button("Generate", variant="primary", elem_id="gen-button")
             strips = gr.Image(type="pil", format="png", label="into focus: each image after every scale (with a "
                               "second model: its row below, same class and seed)", elem_id="gen-strips")
@@ -124,7 +133,8 @@ def build(studio: Studio) -> gr.Blocks:
                     raise _message(e)
 
             go.click(generate, [model, compare, classes, n, seed, cfg, cfg_mode, cfg_schedule, top_k, top_p,
-                                more_smooth, rng], [strips, gallery, command, download], api_name="generate",
+                                more_smooth, rng, cfg_scales, prune, kv_budget, decode_precision],
+                     [strips, gallery, command, download], api_name="generate",
                      concurrency_limit=1)
 
         with gr.Tab("Edit"):

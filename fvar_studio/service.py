@@ -26,7 +26,8 @@ from fvar_core.errors import UserError
 MAX_PIXELS = 4096 * 4096  # an upload larger than this is refused (decompression bombs, memory)
 MAX_PER_CLASS = 16
 MEMORY_BUDGET = 2 * 2 ** 30  # bytes one request may use on a CPU (a quarter of free memory on a GPU)
-SETTINGS = ("cfg", "cfg_mode", "cfg_schedule", "top_k", "top_p", "more_smooth", "rng")
+SETTINGS = ("cfg", "cfg_mode", "cfg_schedule", "top_k", "top_p", "more_smooth", "rng",
+            "cfg_scales", "prune", "kv_budget", "decode_precision")  # the last four: docs/sampling-speed.md
 
 
 def to_pil(x: torch.Tensor) -> Image.Image:
@@ -120,9 +121,17 @@ class Studio:
         return max(1, min(256, budget // (kv + dec)))
 
     def settings(self, name: str, values: Dict[str, Any]) -> SampleConfig:
+        """The model's sampling defaults with the page's values; prune and kv_budget as the CLI
+        writes them ('8:0.5', '1,1'; empty = off)."""
         from fvar_core.sample.sampler import settings_from
+        from fvar_core.sample.speedups import check_speedups, parse_kv_budget, parse_prune
 
-        return settings_from(self.pipe(name).preset.sample, **{k: values.get(k) for k in SETTINGS})
+        v = {k: values.get(k) for k in SETTINGS}
+        v["prune"] = parse_prune(v["prune"]) if v.get("prune") else None
+        v["kv_budget"] = parse_kv_budget(v["kv_budget"]) if v.get("kv_budget") else None
+        s = settings_from(self.pipe(name).preset.sample, **v)
+        check_speedups(s, self.pipe(name).models.var)
+        return s
 
     def sample_command(self, name: str, ids: Sequence[int], n: int, seed: int, s: SampleConfig, batch: int) -> str:
         """The `fvar sample` line that draws the same images (settings spelled out in full)."""
@@ -133,6 +142,14 @@ class Studio:
                  "--top-k", str(s.top_k), "--top-p", repr(s.top_p),
                  "--more-smooth" if s.more_smooth else "--no-more-smooth", "--rng", s.rng,
                  "--batch", str(batch), "--out", "samples"]
+        if s.cfg_scales:
+            argv += ["--cfg-scales", str(s.cfg_scales)]
+        if s.prune:
+            argv += ["--prune", ",".join(f"{pn}:{r!r}" for pn, r in s.prune.items())]
+        if s.kv_budget:
+            argv += ["--kv-budget", f"{s.kv_budget[0]},{s.kv_budget[1]}"]
+        if s.decode_precision != "auto":
+            argv += ["--decode-precision", s.decode_precision]
         return shlex.join(argv)
 
     def generate(self, name: str, chosen: Sequence[str], n: int, seed: int, values: Dict[str, Any],

@@ -18,7 +18,7 @@ from fvar_core import bundle  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not bundle.bundled_names(), reason="no bundled models in this checkout")
 FVAR, TWIN = "fmnist-32 (FVAR, 32 px)", "fmnist-32-var (VAR, 32 px)"
-DEFAULTS = (1.5, "var", "linear", 900, 0.96, False, "per-image")  # the release's sample settings
+DEFAULTS = (1.5, "var", "linear", 900, 0.96, False, "per-image", 0, "", "", "auto")  # the release's sample settings
 
 
 def free_port() -> int:
@@ -65,6 +65,18 @@ def test_generate_equals_fvar_sample_with_the_same_seeds(client, cli, tmp_path):
         assert np.array_equal(np.asarray(Image.open(g["image"]).convert("RGB")),
                               np.asarray(Image.open(f).convert("RGB"))), f.name
     assert Path(download).suffix == ".zip"
+
+
+def test_generate_with_the_speedups_equals_fvar_sample_with_them(client, cli, tmp_path):
+    fast = (1.5, "var", "linear", 900, 0.96, False, "per-image", 4, "8:0.5", "1,1", "bf16")
+    _, gallery, command, _ = client.predict(FVAR, "(none)", ["bag"], 2, 3, *fast, api_name="/generate")
+    assert "--cfg-scales 4 --prune 8:0.5 --kv-budget 1,1 --decode-precision bf16" in command
+    _run_command(cli, command, tmp_path / "cli")
+    for g, f in zip(gallery, sorted((tmp_path / "cli").glob("0*.png"))):
+        assert np.array_equal(np.asarray(Image.open(g["image"]).convert("RGB")),
+                              np.asarray(Image.open(f).convert("RGB"))), f.name
+    with pytest.raises(Exception, match=r"prune: scale\(s\) \[5\] are not patch numbers"):
+        client.predict(FVAR, "(none)", ["bag"], 1, 0, *fast[:8], "5:0.5", "", "auto", api_name="/generate")
 
 
 def _rgba_layer(h: int, w: int, box) -> np.ndarray:
