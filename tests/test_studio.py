@@ -214,3 +214,33 @@ def test_the_model_tab_reads_a_run_folder(tmp_path_factory):
     assert "tiny-64" in info["preset"] and len(info["classes"]) == studio.pipe(name).num_classes
     assert info["curves"] is not None and Path(info["curves"]).is_file()
     assert [Path(g).name for g in info["grids"]] == ["step-0000001.png"]
+
+
+def test_an_official_checkpoint_offers_the_imagenet_names(tmp_path):
+    """Official-format files (the fixture's keyed depth-2 VAR and ch-32 VQ-VAE, 1,000 classes): the
+    class list is ImageNet's, a class found by name samples, and the printed command names the files."""
+    import torch
+
+    from fvar_studio.service import Studio
+    from tests.test_sampler import keyed_tokenizer, load_manifest, load_ref
+    from tests.test_transformer_compat import build_keyed_model
+
+    var_pth, vae_pth = tmp_path / "var_dev.pth", tmp_path / "vae_dev.pth"
+    torch.save(build_keyed_model(load_manifest()).official_state_dict(), var_pth)
+    torch.save(keyed_tokenizer(load_ref()).official_state_dict(), vae_pth)
+    studio = Studio([(str(var_pth), str(vae_pth))], device="cpu")
+    (name,) = studio.pipes
+    choices = studio.class_choices(name)
+    assert len(choices) == 1000 and choices[207] == "207 · golden retriever"
+    *_, done = studio.generate(name, ["golden retriever"], 1, 0, {"top_k": 1})
+    assert len(done.images) == 1 and done.images[0].size == (256, 256)
+    assert f"--ckpt {var_pth} --tokenizer {vae_pth} --class 207" in done.command
+
+
+def test_an_upload_over_the_servers_limit_is_refused(client, tmp_path):
+    big = tmp_path / "huge.png"
+    big.write_bytes(b"\x89PNG" + b"\0" * (17 * 2 ** 20))  # 17 MB: past the server's 16 MB
+    with pytest.raises(Exception, match="(?i)(size|large)"):
+        client.predict(FVAR, "unconditional", 0, {"background": handle_file(str(big)), "layers": [],
+                                                  "composite": None}, False, 0.6, api_name="/inpaint")
+    assert len(client.predict(FVAR, "(none)", ["0 · t shirt top"], 1, 0, *DEFAULTS, api_name="/generate")[1]) == 1
