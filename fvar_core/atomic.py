@@ -82,6 +82,12 @@ def ensure_dir(path: PathLike, what: str) -> Path:
     return path
 
 
+def is_write_temporary(name: str) -> bool:
+    """Whether a file name is one of `atomic_write`'s temporaries (.NAME.XXXX.tmp): what a process
+    killed while writing leaves behind, never a finished file."""
+    return name.startswith(".") and name.endswith(".tmp")
+
+
 def atomic_write(path: PathLike, write: Callable[[BinaryIO], None]) -> None:
     """Call `write(f)` on a temporary file, then rename it to `path`. A write that fails (full
     disk, read-only place, a folder in the way) is a one-line UserError and leaves any previous

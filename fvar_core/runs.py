@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 import yaml
 
 from fvar_core import envvars
-from fvar_core.atomic import atomic_write_bytes, check_writable, write_error
+from fvar_core.atomic import atomic_write_bytes, check_writable, is_write_temporary, write_error
 from fvar_core.bundle import resolve_name
 from fvar_core.checkpoints import WEIGHTS_NAME, read_checkpoint_config, verify_checkpoint
 from fvar_core.hashing import file_sha256
@@ -292,7 +292,8 @@ def check_run_dir(run_dir: Union[str, Path], preset: Preset) -> CheckedRunDir:
     if not run_dir.is_dir():
         return CheckedRunDir(run_dir)
     stored = check_same_run(run_dir, preset)
-    if stored is None and any(p.name not in RUN_FILES for p in run_dir.iterdir()):
+    # a run killed before its config.yaml was written left at most our own files and write temporaries
+    if stored is None and any(p.name not in RUN_FILES and not is_write_temporary(p.name) for p in run_dir.iterdir()):
         raise UserError(f"{run_dir} exists and is not an fvar run directory (no {CONFIG_YAML}); choose another --out")
     return CheckedRunDir(run_dir, stored)
 

@@ -601,3 +601,21 @@ def test_ctrl_c_during_tokenize_names_the_shards_done_and_the_resume_command(cli
     monkeypatch.undo()
     r = cli(*argv)
     assert r.code == 0 and "2 kept from an earlier run" in r.out, r.err
+
+
+def test_a_run_killed_before_its_config_was_written_starts_again(tmp_path):
+    """kill -9 between creating a run directory and renaming config.yaml into it leaves the lock and
+    atomic_write's temporary: that folder is a new run, not a stranger's (which is refused)."""
+    from fvar_core.presets import load_preset
+    from fvar_core.runs import check_run_dir
+
+    preset = load_preset("tiny-64")
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    (killed / ".config.yaml.k3j2x9.tmp").write_text("name: tiny")
+    assert check_run_dir(killed, preset).stored is None
+    stranger = tmp_path / "stranger"
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="exists and is not an fvar run directory"):
+        check_run_dir(stranger, preset)
