@@ -57,33 +57,13 @@ RELEASE_SETTINGS = [
 ]
 
 
-class CacheMeter:
-    """The bytes of the KV caches sampling allocates (the largest set alive at once)."""
-
-    def __enter__(self):
-        self.peak, self._real = 0, VAR.new_kv_cache
-        meter = self
-
-        def spy(model, *a, **k):
-            cache = meter._real(model, *a, **k)
-            meter.peak += cache.nbytes
-            return cache
-        VAR.new_kv_cache = spy
-        return self
-
-    def __exit__(self, *exc):
-        VAR.new_kv_cache = self._real
-
-
 def run_setting(models, settings: SampleConfig, labels, seed: int, batch: int, refiner):
     """→ (images uint8 (N, 3, H, W), seconds, KV bytes per batch)."""
     seeds = [seed * 1_000_003 + i for i in range(len(labels))]
     t = time.perf_counter()
-    with CacheMeter() as m:
-        out = sample(models.var, models.tokenizer, labels, seeds, settings, batch_size=batch, refiner=refiner)
+    out = sample(models.var, models.tokenizer, labels, seeds, settings, batch_size=batch, refiner=refiner)
     sec = time.perf_counter() - t
-    chunks = -(-len(labels) // batch)
-    return (out.images * 255).round().to(torch.uint8), sec, m.peak // chunks
+    return (out.images * 255).round().to(torch.uint8), sec, out.kv_bytes
 
 
 def release_table(a) -> str:
@@ -127,13 +107,11 @@ def release_table(a) -> str:
 
 def fixture_table() -> str:
     """Token agreement with the default sampler, greedy, on the official-format fixture."""
-    from tests.test_sampler import keyed_tokenizer  # noqa: F401 — the fixture's builders
+    from tests.test_sampler import keyed_tokenizer, load_manifest, load_ref
     from tests.test_transformer_compat import build_keyed_model
-    fix = ROOT / "tests" / "data" / "var-reference"
-    manifest = json.loads((fix / "var_ref_dev.json").read_text())
-    ref = torch.load(fix / "var_ref_dev.pt", weights_only=True)
-    var = build_keyed_model(manifest)
-    tok = keyed_tokenizer(ref)
+
+    var = build_keyed_model(load_manifest())
+    tok = keyed_tokenizer(load_ref())
     labels = torch.tensor([207, 980, 1, 388, 92, 511, 33, 750])
     seeds = list(range(len(labels)))
     greedy = SampleConfig(cfg=1.5, top_k=1, top_p=0.0)
@@ -173,11 +151,10 @@ def d16_table(a) -> str:
                                                             "refine_from": 7, "decode_precision": "bf16"}, small)):
         s = p.sample.model_copy(update=over)
         sample_batch(var, tok, labels, [0, 1], s, refiner=ref)  # warm-up
-        with CacheMeter() as m:
-            t = time.perf_counter()
-            sample_batch(var, tok, labels, [0, 1], s, refiner=ref)
-            sec = time.perf_counter() - t
-        rows.append((label, 2 / sec, m.peak / 2 ** 20))
+        t = time.perf_counter()
+        out = sample_batch(var, tok, labels, [0, 1], s, refiner=ref)
+        sec = time.perf_counter() - t
+        rows.append((label, 2 / sec, out.kv_bytes / 2 ** 20))
         print(rows[-1], file=sys.stderr, flush=True)
     lines = ["d16-shaped random weights (width 1024, 16 blocks, 680 tokens; VQ-VAE ch 160 at 256 px), batch 2, "
              "cfg 1.5, top-k 900, top-p 0.96, fp32 CPU.", "", "| setting | img/s | × default | KV cache MiB |",

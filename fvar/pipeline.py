@@ -99,7 +99,8 @@ class Pipeline:
                batch_size: Optional[int] = None, **settings: Any):
         """n images of each class (ids or names, in the order given; num_classes = unconditional). Image i has
         seed seed + i. settings: any `SampleConfig` field (cfg, top_k, top_p, more_smooth, rng, and the
-        speed-ups cfg_scales, prune, refine_from, kv_budget, decode_precision), default the checkpoint's preset. output 'pil' (list of PIL images) or 'tensor' ((N, 3, H, W)
+        speed-ups cfg_scales, prune, refine_from, kv_budget, decode_precision), default the checkpoint's
+        preset. output 'pil' (list of PIL images) or 'tensor' ((N, 3, H, W)
         in [0, 1]; the per-scale tokens are `sample_tokens`)."""
         return self._output(self._sample(classes, n, seed, batch_size, settings).images, output)
 

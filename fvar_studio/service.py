@@ -21,20 +21,14 @@ import torch
 from PIL import Image
 
 from fvar_core.config import SampleConfig
+from fvar_core.data.images import to_pil  # the rounding `fvar sample` uses for its PNGs
 from fvar_core.errors import UserError
 
 MAX_PIXELS = 4096 * 4096  # an upload larger than this is refused (decompression bombs, memory)
 MAX_PER_CLASS = 16
 MEMORY_BUDGET = 2 * 2 ** 30  # bytes one request may use on a CPU (a quarter of free memory on a GPU)
-SETTINGS = ("cfg", "cfg_mode", "cfg_schedule", "top_k", "top_p", "more_smooth", "rng",
-            "cfg_scales", "prune", "kv_budget", "decode_precision")  # the last four: docs/sampling-speed.md
-
-
-def to_pil(x: torch.Tensor) -> Image.Image:
-    """(3, H, W) float in [0, 1] → PIL RGB (the rounding `fvar sample` uses for its PNGs)."""
-    from fvar_core.data.images import to_pil as _to_pil
-
-    return _to_pil(x)
+SETTINGS = ("cfg", "cfg_mode", "cfg_schedule", "top_k", "top_p", "more_smooth", "rng")
+SPEEDUPS = ("cfg_scales", "prune", "kv_budget", "decode_precision")  # docs/sampling-speed.md
 
 
 def check_upload(img: Optional[np.ndarray], what: str = "image") -> np.ndarray:
@@ -122,22 +116,19 @@ class Studio:
 
     def settings(self, name: str, values: Dict[str, Any]) -> SampleConfig:
         """The model's sampling defaults with the page's values; prune and kv_budget as the CLI
-        writes them ('8:0.5', '1,1'; empty = off)."""
+        writes them ('8:0.5', '1,1'; empty = off); the sampler refuses one that does not fit the model."""
         from fvar_core.sample.sampler import settings_from
-        from fvar_core.sample.speedups import check_speedups, parse_kv_budget, parse_prune
+        from fvar_core.sample.speedups import speedup_overrides
 
-        v = {k: values.get(k) for k in SETTINGS}
-        v["prune"] = parse_prune(v["prune"]) if v.get("prune") else None
-        v["kv_budget"] = parse_kv_budget(v["kv_budget"]) if v.get("kv_budget") else None
-        s = settings_from(self.pipe(name).preset.sample, **v)
-        check_speedups(s, self.pipe(name).models.var)
-        return s
+        return settings_from(self.pipe(name).preset.sample, **{k: values.get(k) for k in SETTINGS},
+                             **speedup_overrides(**{k: values.get(k) for k in SPEEDUPS}))
 
     def sample_command(self, name: str, ids: Sequence[int], n: int, seed: int, s: SampleConfig, batch: int) -> str:
         """The `fvar sample` line that draws the same images (settings spelled out in full)."""
         src, tok = self.sources[name]
         argv = ["fvar", "sample", "--ckpt", src] + (["--tokenizer", tok] if tok else [])
-        argv += ["--class", ",".join(str(i) for i in ids), "--n", str(n), "--seed", str(seed),
+        nc = self.pipe(name).num_classes
+        argv += ["--class", ",".join("uncond" if i == nc else str(i) for i in ids), "--n", str(n), "--seed", str(seed),
                  "--cfg", repr(s.cfg), "--cfg-mode", s.cfg_mode, "--cfg-schedule", s.cfg_schedule,
                  "--top-k", str(s.top_k), "--top-p", repr(s.top_p),
                  "--more-smooth" if s.more_smooth else "--no-more-smooth", "--rng", s.rng,
@@ -219,14 +210,15 @@ class Studio:
                 continue
             outs = item[1]
             images = [to_pil(im) for im in outs[0].images]
-            folder = self._write_download(name, ids, n, seed, s, labels, seeds, images)
-            names = pipe.class_names
-            caps = [f"{c} · {names[c]}" if names else str(c) for c in labels]
-            yield Event("done", images=images, captions=[f"{c} · seed {sd}" for c, sd in zip(caps, seeds)],
-                        command=self.sample_command(name, ids, n, seed, s, total), folder=folder)
+            command = self.sample_command(name, ids, n, seed, s, total)
+            folder = self._write_download(name, ids, n, seed, s, labels, seeds, images, command)
+            choices = self.class_choices(name)
+            shown = [choices[c] if c < len(choices) else "unconditional" for c in labels]
+            yield Event("done", images=images, captions=[f"{c} · seed {sd}" for c, sd in zip(shown, seeds)],
+                        command=command, folder=folder)
             return
 
-    def _write_download(self, name, ids, n, seed, s, labels, seeds, images) -> Path:
+    def _write_download(self, name, ids, n, seed, s, labels, seeds, images, command: str) -> Path:
         """The gallery's PNGs and generation.json, zipped for the download button."""
         import json
         import shutil
@@ -238,7 +230,7 @@ class Studio:
         (d / "images" / "generation.json").write_text(json.dumps({
             "format": "fvar-studio-generation", "version": 1, "model": self.sources[name][0],
             "classes": list(ids), "n_per_class": n, "seed": seed, "seeds": seeds, "labels": labels,
-            "settings": s.model_dump(mode="json"), "command": self.sample_command(name, ids, n, seed, s, len(seeds))},
+            "settings": s.model_dump(mode="json"), "command": command},
             indent=1))
         return Path(shutil.make_archive(str(d / "fvar-samples"), "zip", d / "images"))
 

@@ -79,6 +79,15 @@ def test_generate_with_the_speedups_equals_fvar_sample_with_them(client, cli, tm
         client.predict(FVAR, "(none)", ["bag"], 1, 0, *fast[:8], "5:0.5", "", "auto", api_name="/generate")
 
 
+def test_unconditional_samples_reproduce_from_their_command(client, cli, tmp_path):
+    _, gallery, command, _ = client.predict(FVAR, "(none)", ["uncond", "bag"], 1, 2, *DEFAULTS, api_name="/generate")
+    assert "--class uncond,8" in command and gallery[0]["caption"] == "unconditional · seed 2"
+    _run_command(cli, command, tmp_path / "cli")
+    for g, f in zip(gallery, sorted((tmp_path / "cli").glob("0*.png"))):
+        assert np.array_equal(np.asarray(Image.open(g["image"]).convert("RGB")),
+                              np.asarray(Image.open(f).convert("RGB"))), f.name
+
+
 def _rgba_layer(h: int, w: int, box) -> np.ndarray:
     a = np.zeros((h, w, 4), np.uint8)
     y0, y1, x0, x1 = box

@@ -99,10 +99,9 @@ def sample_cmd(
         raise UserError("--set applies to --preset; a checkpoint's architecture is fixed")
     dev = pick_device(device)
     p = resolve(preset, overrides) if preset is not None else None
-    from fvar_core.sample.speedups import parse_kv_budget, parse_prune
+    from fvar_core.sample.speedups import speedup_overrides
 
-    speedups = {"cfg_scales": cfg_scales, "prune": parse_prune(prune) if prune else None, "refine_from": refine_from,
-                "kv_budget": parse_kv_budget(kv_budget) if kv_budget else None, "decode_precision": decode_precision}
+    speedups = speedup_overrides(cfg_scales, prune, refine_from, kv_budget, decode_precision)
     doc = sample_benchmark(preset=p, ckpt=ckpt, tokenizer=tokenizer, device=dev, batch=batch, steps=steps,
                            warmup=warmup, flops=flops, cfg=cfg, top_k=top_k, top_p=top_p, compile=compile_,
                            speedups=speedups, refiner=refiner, refiner_depth=refiner_depth)

@@ -55,16 +55,14 @@ def sample(
     from fvar_core.sample.loading import attach_refiner, default_source, open_models
     from fvar_core.sample.outputs import progress_bar, sample_to_dir
     from fvar_core.sample.sampler import settings_from
-    from fvar_core.sample.speedups import check_speedups, parse_kv_budget, parse_prune
+    from fvar_core.sample.speedups import check_speedups, speedup_overrides
 
     if ckpt is None:
         ckpt = default_source(say=typer.echo)
     models = open_models(ckpt, tokenizer, device)
     settings = settings_from(models.preset.sample, cfg=cfg, cfg_mode=cfg_mode, cfg_schedule=cfg_schedule,
                              top_k=top_k, top_p=top_p, more_smooth=more_smooth, rng=rng, compile=compile_,
-                             cfg_scales=cfg_scales, prune=parse_prune(prune) if prune else None,
-                             refine_from=refine_from, kv_budget=parse_kv_budget(kv_budget) if kv_budget else None,
-                             decode_precision=decode_precision)
+                             **speedup_overrides(cfg_scales, prune, refine_from, kv_budget, decode_precision))
     if refiner is not None:
         attach_refiner(models, refiner)
     check_speedups(settings, models.var, models.refiner)  # before any image is drawn

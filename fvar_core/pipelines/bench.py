@@ -24,7 +24,6 @@ from fvar_core.atomic import atomic_write_bytes
 from fvar_core.models.tokenizer import Tokenizer
 from fvar_core.models.transformer import VAR
 from fvar_core.sample.loading import attach_refiner, load_models
-from fvar_core.sample.speedups import check_speedups
 from fvar_core.sample.sampler import decode_images, sample_batch, settings_from
 from fvar_core.train.loop import fit, to_device
 from fvar_core.train.transformer import VARTask
@@ -498,7 +497,6 @@ def sample_benchmark(*, preset=None, ckpt: Optional[PathLike] = None, tokenizer:
         rp = p.model.model_copy(update={"depth": refiner_depth})
         torch.manual_seed(1)
         ref = VAR(rp, p.patch_nums, p.tokenizer.vocab_size, p.tokenizer.z_channels).to(device).eval()
-    check_speedups(settings, var, ref)
     res = bench_sample(var, tok, settings, batch=batch, steps=steps, warmup=warmup, flops=flops, refiner=ref)
     if ref is not None:
         source["refiner"] = {"depth": ref.depth, "width": ref.width, "params": sum(x.numel() for x in ref.parameters())}

@@ -98,6 +98,14 @@ def parse_prune(text: str) -> dict:
     return out
 
 
+def speedup_overrides(cfg_scales: Optional[int] = None, prune: Optional[str] = None, refine_from: Optional[int] = None,
+                      kv_budget: Optional[str] = None, decode_precision: Optional[str] = None) -> dict:
+    """The speed-up options as the CLI and the studio take them (prune '8:0.5', kv_budget '1,1';
+    None or empty = not given) → `settings_from` overrides."""
+    return {"cfg_scales": cfg_scales, "prune": parse_prune(prune) if prune else None, "refine_from": refine_from,
+            "kv_budget": parse_kv_budget(kv_budget) if kv_budget else None, "decode_precision": decode_precision}
+
+
 def parse_kv_budget(text: str) -> Tuple[int, int]:
     """'1,2' → (1, 2): the first scales and the most recent ones each scale attends to."""
     try:
