@@ -166,6 +166,9 @@ class LoopConfig(_Strict):
     sample_every: int = Field(5000, ge=0, description="0 = no sample grids")
     log_with: Optional[Literal["tensorboard", "wandb", "all"]] = Field(
         None, description="experiment trackers fed with metrics.jsonl's numbers and the sample grids")
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="with more than one process: ddp (replicated weights) or fsdp (weights, gradients and "
+                           "optimiser state sharded over the processes: torch FSDP2, train.sharding)")
 
     @field_validator("betas")
     @classmethod

@@ -142,12 +142,10 @@ class Teacher(nn.Module):
         feats = []
 
         def layer(i: int, x: torch.Tensor) -> torch.Tensor:
-            block = net.blocks[i]
-            mods = block.modulation(cond)
-            x = block.attn_branch(x, mods, mask)
-            if i >= self.first_xattn:
-                x = self.xattn[i - self.first_xattn](x, alias, cross_mask)
-            return block.ffn_branch(x, mods)
+            if i < self.first_xattn:
+                return net.blocks[i](x, cond, mask)
+            xattn = self.xattn[i - self.first_xattn]
+            return net.blocks[i](x, cond, mask, None, lambda h: xattn(h, alias, cross_mask))
 
         for i in range(net.depth):
             x = run_block(net, layer, i, x)

@@ -295,10 +295,13 @@ class AdaLNSelfAttn(nn.Module):
         _, g2, _, s2, _, b2 = mods
         return x + self.drop_path(self.ffn(self.ln_wo_grad(x) * (s2 + 1) + b2) * g2)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor, mask,
-                cache: Optional[_LayerCache] = None) -> torch.Tensor:  # x (B, L, C)
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, mask, cache: Optional[_LayerCache] = None,
+                between: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
+        """x (B, L, C) -> (B, L, C). `between` runs on x between the two branches (the teacher's
+        AG-XAttn): inside this call, so a sharded block gathers its weights once for all of it."""
         mods = self.modulation(cond)
-        return self.ffn_branch(self.attn_branch(x, mods, mask, cache), mods)  # the teacher adds AG-XAttn between
+        x = self.attn_branch(x, mods, mask, cache)
+        return self.ffn_branch(x if between is None else between(x), mods)
 
 
 class AdaLNBeforeHead(nn.Module):

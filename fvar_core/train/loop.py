@@ -50,6 +50,8 @@ from fvar_core.runlock import RunLock
 from fvar_core.runs import (BEST, CHECKPOINTS, CLASS_INDEX, CONFIG_YAML, LATEST, METRICS, CheckedRunDir, RunLog,
                             append_line, check_data_identity, check_run_dir, complete_checkpoints, set_aside,
                             step_name, truncate_metrics, usable_checkpoint)
+from fvar_core.train.sharding import (check_strategy, gathered, gathered_optimizer, gathered_tree, load_optimizer,
+                                     replicated_state, shard)
 from fvar_core.train.tracking import Tracking, tracker_names
 
 STATE_VERSION = 1
@@ -260,6 +262,7 @@ def fit(task: Task, data: Any, run_dir: Union[str, Path, CheckedRunDir], *, devi
     run = run_dir if isinstance(run_dir, CheckedRunDir) else check_run_dir(run_dir, preset)
     trackers = tracker_names(cfg.log_with)  # a missing tracker package: one line, before any work
     acc, autocast, precision = _accelerator(cfg, device, trackers, run.path)
+    sharded = _sharded(task, cfg, acc)
     lock = _lock_run_dir(acc, run.path)
     tracking = Tracking(acc, trackers)
     try:
@@ -267,18 +270,24 @@ def fit(task: Task, data: Any, run_dir: Union[str, Path, CheckedRunDir], *, devi
         tracking.start(run.path, preset)
         seed_everything(cfg.seed)  # before build: a fresh run's initialisation is reproducible
         model = task.build().to(acc.device)
+        resumed = _resume(task, chosen, acc, cfg)  # the weights go into the whole model, before sharding
+        if sharded:
+            shard(model, task.shard_units(model), acc.device.type, cfg.precision)
         opt = build_optimizer(task, model, cfg, acc.device)
-        resumed = _resume(task, opt, chosen, acc, cfg)
+        if resumed.optimizer is not None:
+            _load_optimizer(opt, resumed, sharded)
         if acc.is_main_process:
             truncate_metrics(run.path / METRICS, resumed.step)
-        model, opt = acc.prepare(model, opt)
+        if not sharded:  # accelerate wraps DDP; a sharded model is already what the step runs
+            model, opt = acc.prepare(model, opt)
         task.attach(model)
         workers = num_workers if num_workers is not None else preset.data.num_workers
         loader = _loader(data, cfg, resumed.position, acc, workers)
-        _log_start(log, task, run.path, cfg, acc, precision, resumed)
+        _log_start(log, task, run.path, cfg, acc, precision, resumed, sharded)
         saver = _Saver(task, opt, acc, run.path, cfg, provenance, data_identity, resumed, enabled=checkpoints)
-        metrics = _train(task, model, opt, loader, cfg, acc, autocast, resumed.step, log, saver, run.path, tracking)
-        _check_replicas(acc, task, log)
+        metrics = _train(task, model, opt, loader, cfg, acc, autocast, resumed.step, log, saver, run.path, tracking,
+                         sharded)
+        _check_replicas(acc, task, log, model if sharded else None)
         if resumed.from_step is not None and resumed.from_step >= cfg.steps:
             log.info(f"{run.path} already has {resumed.from_step} of {cfg.steps} steps; nothing to do")
         else:
@@ -309,16 +318,27 @@ def _accelerator(cfg: LoopConfig, device: Optional[str], trackers: Sequence[str]
     mp = {"bf16": "bf16", "fp16": "fp16"}.get(cfg.precision, "no") if use_cuda else "no"
     acc = Accelerator(cpu=dev.type == "cpu", mixed_precision=mp, log_with=list(trackers) or None,
                       project_dir=str(project_dir) if trackers else None)
-    if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
-        # Checkpoints, the "ranks agree" check and sample grids read full state dicts on one rank:
-        # right for replicated (DDP) weights, wrong for sharded ones. Refuse rather than save shards.
-        raise UserError(f"accelerate is configured for {acc.distributed_type.name}; fvar's loop supports one "
-                        f"device and DDP (accelerate launch --multi_gpu) so far: choose DDP in `accelerate config`")
+    if acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
+        raise UserError(f"accelerate is configured for {acc.distributed_type.name}; fvar's loop runs one device, "
+                        f"DDP or FSDP: choose one of those in `accelerate config`")
     # fp32 on CPU (the exact path) unless asked: bf16 autocast is ~1.6× on AVX512-BF16 CPUs. Applied
     # here, not through accelerate, whose process-wide state refuses a second precision in one process.
     cpu_bf16 = not use_cuda and cfg.cpu_bf16
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if cpu_bf16 else acc.autocast
     return acc, autocast, "bf16 autocast" if cpu_bf16 else "fp32" if mp == "no" else mp
+
+
+def _sharded(task: Task, cfg: LoopConfig, acc: Any) -> bool:
+    """Whether this run shards its state (FSDP2): the config's strategy, or accelerate's own config
+    (`accelerate launch` with an FSDP config file), whose sharding fvar applies itself (`shard`:
+    each block, then the root; accelerate's wrap policy options are not read)."""
+    from accelerate.utils import DistributedType
+
+    strategy = "fsdp" if acc.distributed_type == DistributedType.FSDP else cfg.strategy
+    check_strategy(strategy, processes=acc.num_processes, precision=cfg.precision, device_type=acc.device.type)
+    if strategy == "fsdp" and not hasattr(task, "shard_units"):
+        raise UserError(getattr(task, "fsdp_refusal", f"strategy fsdp is not available for {task.mode} runs"))
+    return strategy == "fsdp"
 
 
 def _open_run(acc: Any, run_dir: Path, preset: Preset, console: Any, prepare: Optional[Callable[[Path], None]],
@@ -378,12 +398,13 @@ class _Resumed:
     from_step: Optional[int] = None
     path: Optional[Path] = None
     planned_steps: Optional[int] = None
+    optimizer: Optional[Dict[str, Any]] = None  # the saved optimiser state, loaded once the optimiser exists
 
 
-def _resume(task: Task, opt: torch.optim.Optimizer, chosen: Optional[Tuple[int, Path]], acc: Any,
-            cfg: LoopConfig) -> _Resumed:
-    """Load weights, task state, optimiser and RNG streams from `chosen` (each rank its own stream;
-    a rank the run did not have gets a new seeded one); a fresh multi-process run seeds each rank."""
+def _resume(task: Task, chosen: Optional[Tuple[int, Path]], acc: Any, cfg: LoopConfig) -> _Resumed:
+    """Load weights, task state and RNG streams from `chosen` (each rank its own stream; a rank the
+    run did not have gets a new seeded one); a fresh multi-process run seeds each rank. The
+    optimiser state is returned for `_load_optimizer`."""
     if chosen is None:
         if acc.num_processes > 1:
             torch.manual_seed(cfg.seed + 7919 * acc.process_index)
@@ -397,20 +418,26 @@ def _resume(task: Task, opt: torch.optim.Optimizer, chosen: Optional[Tuple[int, 
     task.load_state_dict(ck.state_dict)
     if hasattr(task, "load_extra_state") and state.get("task") is not None:
         task.load_extra_state(state["task"])  # first: its messages name what differs
-    try:
-        opt.load_state_dict(state["optimizer"])
-        for g in opt.param_groups:  # runs saved by the unfused optimiser resume fused (same state tensors)
-            g["fused"], g["foreach"] = True, None
-    except ValueError as e:  # another set of trainable parameters than the run had
-        raise UserError(f"{path}: the run's optimiser state does not fit this model ({e}); resume with the "
-                        f"same options, or choose another --out") from None
     rngs = state["rng"]
     _set_rng_state(rngs[acc.process_index] if acc.process_index < len(rngs) else rngs[0], acc.device)
     if acc.process_index >= len(rngs):
         torch.manual_seed(cfg.seed + 7919 * acc.process_index)  # a new rank: a new, seeded stream
     step = int(state["step"])
     return _Resumed(step=step, position=int(state["data_position"]), best=state.get("best"), from_step=step,
-                    path=path, planned_steps=(state.get("scheduler") or {}).get("steps"))
+                    path=path, planned_steps=(state.get("scheduler") or {}).get("steps"), optimizer=state["optimizer"])
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, resumed: _Resumed, sharded: bool) -> None:
+    """The saved optimiser state (always full, in torch's layout) onto `opt`: as it is, or sliced
+    onto the shards — so a run resumes under either strategy and any number of processes."""
+    try:
+        load_optimizer(opt, resumed.optimizer) if sharded else opt.load_state_dict(resumed.optimizer)
+        for g in opt.param_groups:  # runs saved by the unfused optimiser resume fused (same state tensors)
+            g["fused"], g["foreach"] = True, None
+    except ValueError as e:  # another set of trainable parameters than the run had
+        raise UserError(f"{resumed.path}: the run's optimiser state does not fit this model ({e}); resume with "
+                        f"the same options, or choose another --out") from None
+    resumed.optimizer = None  # the model holds it now; no second copy for the whole run
 
 
 def _loader(data: Any, cfg: LoopConfig, position: int, acc: Any, workers: int) -> torch.utils.data.DataLoader:
@@ -425,7 +452,7 @@ def _loader(data: Any, cfg: LoopConfig, position: int, acc: Any, workers: int) -
 
 
 def _log_start(log: RunLog, task: Task, run_dir: Path, cfg: LoopConfig, acc: Any, precision: str,
-               resumed: _Resumed) -> None:
+               resumed: _Resumed, sharded: bool) -> None:
     for line in (getattr(task, "describe", lambda: [])() or []):
         log.info(line)
     if resumed.from_step is not None:
@@ -436,8 +463,9 @@ def _log_start(log: RunLog, task: Task, run_dir: Path, cfg: LoopConfig, acc: Any
                      f"over {cfg.steps} steps, so the lr from step {resumed.from_step} on is not the original plan's")
     else:
         n = acc.num_processes
+        how = ", FSDP" if sharded else ", DDP" if n > 1 else ""
         log.info(f"new run in {run_dir}: {task.preset.name}, {task.mode}, {cfg.steps} steps of {cfg.batch_size} "
-                 f"images on {acc.device.type} ({n} process{'es' if n > 1 else ''}, {precision})")
+                 f"images on {acc.device.type} ({n} process{'es' if n > 1 else ''}{how}, {precision})")
 
 
 class _Saver:
@@ -462,22 +490,26 @@ class _Saver:
 
     def save(self, step: int, metrics: Mapping[str, Any]) -> Path:
         task, acc, cfg = self.task, self.acc, self.cfg
+        main = acc.is_main_process
         rngs = _gather_objects(acc, _rng_state(acc.device))
-        extra = task.extra_state() if hasattr(task, "extra_state") else None
+        # every rank takes part: sharded tensors are gathered (to the main process's CPU) one by one
+        weights = gathered(task.state_dict(), main)
+        extra = gathered_tree(task.extra_state(), main) if hasattr(task, "extra_state") else None
+        optimizer = gathered_optimizer(self.opt, main)
         value = metrics.get(self.best_metric) if metrics.get("step") == step else None
         is_best = isinstance(value, float) and math.isfinite(value) and (self.best is None or value < self.best["value"])
         if is_best:
             self.best = {"metric": self.best_metric, "value": value, "step": step}
         root = self.run_dir / CHECKPOINTS
-        if acc.is_main_process:
+        if main:
             state = {"version": STATE_VERSION, "mode": task.mode, "step": step,
-                     "data_position": step * cfg.batch_size, "optimizer": self.opt.state_dict(),
+                     "data_position": step * cfg.batch_size, "optimizer": optimizer,
                      "scheduler": {"name": cfg.lr_schedule, "step": step, "steps": cfg.steps}, "rng": rngs,
                      "task": extra, "best": self.best}
             prov = {"source": "fvar training", "mode": task.mode, "step": step, **self.provenance,
                     "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
             final = save_checkpoint(root / step_name(step), kind=task.kind, preset=task.preset,
-                                    state_dict=task.state_dict(), provenance=prov, training_state=state,
+                                    state_dict=weights, provenance=prov, training_state=state,
                                     classes=self.classes)
             atomic_write_bytes(root / LATEST, (final.name + "\n").encode())
             if is_best:
@@ -493,7 +525,7 @@ class _Saver:
 
 def _train(task: Task, model: nn.Module, opt: torch.optim.Optimizer, loader: Any, cfg: LoopConfig, acc: Any,
            autocast: Callable[[], Any], start: int, log: RunLog, saver: _Saver, run_dir: Path,
-           tracking: Tracking) -> Dict[str, Any]:
+           tracking: Tracking, sharded: bool = False) -> Dict[str, Any]:
     """The loop, in nanoGPT's order: lr, micro-steps, clip, step, log, sample, save. Returns the
     last metrics line."""
     main = acc.is_main_process
@@ -513,7 +545,9 @@ def _train(task: Task, model: nn.Module, opt: torch.optim.Optimizer, loader: Any
                 g["lr"], g["weight_decay"] = lr * g["lr_mult"], wd * g["wd_mult"]
             metrics: Dict[str, torch.Tensor] = {}
             for micro in range(cfg.grad_accum):
-                sync = micro == cfg.grad_accum - 1  # DDP all-reduces the gradients at the last micro-step only
+                # DDP all-reduces the gradients at the last micro-step only; FSDP reduce-scatters every
+                # micro-step, so no rank ever holds a whole model's gradients (the point of sharding)
+                sync = sharded or micro == cfg.grad_accum - 1
                 batch = to_device(next(it), acc.device)
                 with (nullcontext() if sync else acc.no_sync(model)), autocast():
                     loss, m = task.step(batch, step)
@@ -524,8 +558,7 @@ def _train(task: Task, model: nn.Module, opt: torch.optim.Optimizer, loader: Any
             # The norm of the all-reduced gradients is the same on every rank: a NaN/inf anywhere
             # makes it non-finite everywhere, so each rank skips the same update with no collective
             # of its own; the fused optimiser skips on the device (found_inf), nothing waits here.
-            gn = acc.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-            gn = gn.detach().float() if isinstance(gn, torch.Tensor) else torch.tensor(float(gn))
+            gn = _clip(acc, params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf, sharded)
             if cfg.grad_clip > 0:
                 metrics["grad_norm"] = gn
             scaled = getattr(acc, "scaler", None) is not None
@@ -553,7 +586,6 @@ def _train(task: Task, model: nn.Module, opt: torch.optim.Optimizer, loader: Any
 
             report = done % cfg.log_every == 0 or done == cfg.steps
             sample_due = bool(cfg.sample_every and done % cfg.sample_every == 0 and hasattr(task, "on_sample"))
-            do_sample = sample_due and main
             # every rank checks at the same steps (a rank that stopped alone would hang the others)
             if report or sample_due or saver.due(done):  # these read values on the host anyway
                 _raise_if_bad(pending, saver.last)
@@ -566,11 +598,14 @@ def _train(task: Task, model: nn.Module, opt: torch.optim.Optimizer, loader: Any
                 window.reset()
             if progress is not None:
                 progress.update(done, last)
-            if do_sample:
-                model.eval()
-                task.on_sample(run_dir, done)
-                tracking.image(run_dir / "samples" / f"step-{done:07d}.png", done)
-                model.train()
+            if sample_due:
+                # sharded: every rank gathers the weights, the main process samples a whole copy
+                weights = gathered(task.state_dict(), main) if sharded else None
+                if main:
+                    model.eval()
+                    task.on_sample(run_dir, done, **({"weights": weights} if sharded else {}))
+                    tracking.image(run_dir / "samples" / f"step-{done:07d}.png", done)
+                    model.train()
             if saver.due(done):
                 saver.save(done, last)
         _raise_if_bad(pending, saver.last)
@@ -583,6 +618,16 @@ def _train(task: Task, model: nn.Module, opt: torch.optim.Optimizer, loader: Any
             progress.stop()
         del it
     return last
+
+
+def _clip(acc: Any, params: List[torch.Tensor], max_norm: float, sharded: bool) -> torch.Tensor:
+    """Clip the gradients by their global norm; the norm (a 0-d tensor, equal on every rank). Sharded
+    gradients are DTensors: torch's clip reduces their norms over the processes itself."""
+    if not sharded:
+        gn = acc.clip_grad_norm_(params, max_norm)
+        return gn.detach().float() if isinstance(gn, torch.Tensor) else torch.tensor(float(gn))
+    gn = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return (gn.full_tensor() if hasattr(gn, "full_tensor") else gn).detach().float()
 
 
 @dataclass
@@ -651,16 +696,19 @@ def _report(log: RunLog, line: Mapping[str, Any], cfg: LoopConfig, window: _Wind
                            if k not in ("step", "loss", "lr", "img_per_s", "elapsed_s") and isinstance(v, float)))
 
 
-def _check_replicas(acc: Any, task: Task, log: RunLog) -> None:
+def _check_replicas(acc: Any, task: Task, log: RunLog, sharded_model: Optional[nn.Module] = None) -> None:
     """DDP keeps replicas equal by construction; check it, since a divergence (a rank-local update,
-    a non-deterministic op) would silently train N different models."""
+    a non-deterministic op) would silently train N different models. Under FSDP each weight has one
+    owner; what every rank holds whole (buffers) is checked."""
     if acc.num_processes == 1:
         return
-    digests = _gather_objects(acc, tensors_sha256(task.state_dict()))
+    held = task.state_dict() if sharded_model is None else replicated_state(sharded_model)
+    digests = _gather_objects(acc, tensors_sha256(held))
+    what = "weights" if sharded_model is None else "replicated state (the weights are sharded)"
     if len(set(digests)) > 1:
-        raise UserError(f"the {acc.num_processes} processes ended with different weights ({digests}): "
+        raise UserError(f"the {acc.num_processes} processes ended with different {what} ({digests}): "
                         f"a bug or a non-deterministic operation; report it")
-    log.info(f"all {acc.num_processes} processes hold identical weights (sha256 {digests[0][:16]})")
+    log.info(f"all {acc.num_processes} processes hold identical {what} (sha256 {digests[0][:16]})")
 
 def _gather_objects(acc: Any, obj: Any) -> List[Any]:
     if acc.num_processes == 1:

@@ -100,6 +100,10 @@ class TokenizerTask:
     kind = "tokenizer"
     mode = "tokenizer"
     best_metric = "recon"
+    # No `shard_units`: the loop refuses strategy fsdp with this line (docs/design.md §7.1).
+    fsdp_refusal = ("tokenizer_train.strategy fsdp is refused: a tokenizer's whole training state (16 bytes per "
+                    "parameter, 1.7 GiB for VAR's 109M-parameter VQ-VAE) fits every GPU, and its dead-code restarts "
+                    "rewrite whole codebook rows that sharding would split; train it with ddp")
 
     def __init__(self, preset: Preset, *, sample_images: Optional[torch.Tensor] = None,
                  init_from: Optional[Union[str, Path]] = None, perceptual_weights: Optional[Union[str, Path]] = None,

@@ -182,6 +182,14 @@ class VARTask:
     def param_groups(self, model: nn.Module) -> List[Dict[str, Any]]:
         return var_param_groups(model)
 
+    def shard_units(self, model: nn.Module) -> List[nn.Module]:
+        """FSDP groups (`train.sharding.shard`): every block of the student and the teacher, and the
+        teacher's AG-XAttn layers; embeddings and heads stay with the root."""
+        units = list(self.student.blocks)
+        if self.teacher is not None:
+            units += list(self.teacher.net.blocks) + list(self.teacher.xattn)
+        return units
+
     def attach(self, model: nn.Module) -> None:
         self.model = model
         device = next(self.student.parameters()).device
@@ -250,17 +258,24 @@ class VARTask:
 
     # ---------------------------------------------------------------------------- sampling
     @torch.no_grad()
-    def on_sample(self, run_dir: Path, step: int) -> None:
-        """A grid of one sample per class of `sample_labels` (seed = index), decoded."""
+    def on_sample(self, run_dir: Path, step: int, weights: Optional[Mapping[str, torch.Tensor]] = None) -> None:
+        """A grid of one sample per class of `sample_labels` (seed = index), decoded. weights: the
+        student's full weights when the trained one is sharded (sampled by a whole copy)."""
         if not self.sample_labels:
             return
-        was = self.student.training
-        self.student.eval()
+        student = self.student
+        if weights is not None:
+            p = self.preset
+            student = VAR(p.model, p.patch_nums, p.tokenizer.vocab_size, p.tokenizer.z_channels)
+            load_strict(student, weights, "gathered student")
+            student.to(next(self.tok.parameters()).device)
+        was = student.training
+        student.eval()
         try:
-            out = sample(self.student, self.tok, torch.tensor(self.sample_labels),
+            out = sample(student, self.tok, torch.tensor(self.sample_labels),
                          seeds=list(range(len(self.sample_labels))), settings=self.preset.sample)
         finally:
-            self.student.train(was)
+            student.train(was)
         save_png(torch.cat(list(out.images.float()), dim=2), Path(run_dir) / "samples" / f"step-{step:07d}.png")
 
     # ------------------------------------------------------------------------- checkpoints
@@ -271,7 +286,8 @@ class VARTask:
         load_strict(self.student, sd, "run checkpoint")
 
     def extra_state(self) -> Dict[str, Any]:
-        return {"teacher": {k: v.detach().cpu() for k, v in self.teacher.state_dict().items()}} if self.teacher else {}
+        """The teacher's weights (the loop gathers them to the CPU, from shards when sharded)."""
+        return {"teacher": self.teacher.state_dict()} if self.teacher else {}
 
     def load_extra_state(self, d: Mapping[str, Any]) -> None:
         if self.teacher is not None:
