@@ -150,10 +150,11 @@ RUN_FILES = (LOG, METRICS, CHECKPOINTS, "samples", CLASS_INDEX, TOKENIZER_DIR, "
              "discriminator.safetensors", LOCK_NAME, SKIPPED_FILES)
 
 # Fields that may change between a run and its resume: how long it runs, how it reports, and how
-# the same step is executed (recompute, compilation).
+# the same step is executed (recompute, compilation, replicated or sharded state: checkpoints are
+# full either way, so a DDP run resumes under FSDP and back).
 # Anything else (architecture, lr, data processing, seed, ...) makes the run directory another run's.
 RESUMABLE_CHANGES = ("steps", "log_every", "ckpt_every", "keep_last", "sample_every", "num_workers",
-                     "description", "log_with", "activation_checkpointing", "compile")
+                     "description", "log_with", "activation_checkpointing", "compile", "strategy")
 
 
 def step_name(step: int) -> str:

@@ -37,7 +37,8 @@ def _run(mode: str, preset: str, overrides, tokens, data, tokenizer, out, steps,
                             allow_data_change=allow_data_change)
     m = res.metrics
     tail = "".join(f", {k} {m[k]:.4f}" for k in ("loss", "student_ce", "teacher_ce", "acc") if k in m)
-    typer.echo(f"student at step {res.step}: {res.checkpoint}{tail}")
+    if res.main_process:  # one summary per run, not per process
+        typer.echo(f"student at step {res.step}: {res.checkpoint}{tail}")
 
 
 def train(

@@ -42,4 +42,5 @@ def train_tokenizer(
                        disc_weights=disc_weights, device=device, allow_data_change=allow_data_change)
     m = res.metrics
     tail = f" (loss {m['loss']:.4f}, PSNR {m['psnr']:.2f} dB)" if "psnr" in m else ""
-    typer.echo(f"tokenizer at step {res.step}: {res.checkpoint}{tail}")
+    if res.main_process:  # one summary per run, not per process
+        typer.echo(f"tokenizer at step {res.step}: {res.checkpoint}{tail}")

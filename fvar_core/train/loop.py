@@ -51,7 +51,7 @@ from fvar_core.runs import (BEST, CHECKPOINTS, CLASS_INDEX, CONFIG_YAML, LATEST,
                             append_line, check_data_identity, check_run_dir, complete_checkpoints, set_aside,
                             step_name, truncate_metrics, usable_checkpoint)
 from fvar_core.train.sharding import (check_strategy, gathered, gathered_optimizer, gathered_tree, load_optimizer,
-                                     replicated_state, shard)
+                                     local_state_bytes, replicated_state, shard)
 from fvar_core.train.tracking import Tracking, tracker_names
 
 STATE_VERSION = 1
@@ -335,9 +335,9 @@ def _sharded(task: Task, cfg: LoopConfig, acc: Any) -> bool:
     from accelerate.utils import DistributedType
 
     strategy = "fsdp" if acc.distributed_type == DistributedType.FSDP else cfg.strategy
-    check_strategy(strategy, processes=acc.num_processes, precision=cfg.precision, device_type=acc.device.type)
     if strategy == "fsdp" and not hasattr(task, "shard_units"):
         raise UserError(getattr(task, "fsdp_refusal", f"strategy fsdp is not available for {task.mode} runs"))
+    check_strategy(strategy, processes=acc.num_processes, precision=cfg.precision, device_type=acc.device.type)
     return strategy == "fsdp"
 
 
@@ -572,6 +572,8 @@ def _train(task: Task, model: nn.Module, opt: torch.optim.Optimizer, loader: Any
             if not scaled:
                 inner.found_inf = (~finite).float()
             opt.step()
+            if sharded and step == start:  # what sharding saved, measured once (grads still held)
+                _log_held(log, model, opt, acc.num_processes)
             opt.zero_grad(set_to_none=True)
             done = step + 1
             pending = _Pending(done, finite, metrics["loss"], acc if scaled and acc.num_processes > 1 else None)
@@ -618,6 +620,15 @@ def _train(task: Task, model: nn.Module, opt: torch.optim.Optimizer, loader: Any
             progress.stop()
         del it
     return last
+
+
+def _log_held(log: RunLog, model: nn.Module, opt: torch.optim.Optimizer, processes: int) -> None:
+    held = local_state_bytes(model, opt)
+    whole = 16 * sum(p.numel() for p in model.parameters() if p.requires_grad)  # fp32 weight, grad, Adam m, v
+    mib = {k: v / 2**20 for k, v in held.items()}
+    log.info(f"sharded state on this process: {sum(mib.values()):.2f} MiB (weights {mib['weights']:.2f}, gradients "
+             f"{mib['grads']:.2f}, optimiser {mib['optimizer']:.2f}); a whole replica is {whole / 2**20:.2f} MiB, "
+             f"1/{processes} of it {whole / processes / 2**20:.2f}")
 
 
 def _clip(acc: Any, params: List[torch.Tensor], max_norm: float, sharded: bool) -> torch.Tensor:
