@@ -1,7 +1,14 @@
-"""Test data the tests generate: image folders of shapes, gradients and text-like strokes."""
+"""Test data the tests generate (image folders of shapes, gradients and text-like strokes), faults
+they inject, and multi-process launches."""
 from __future__ import annotations
 
+import os
+import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
+from typing import Sequence
 
 from fvar_core.focus.testimages import draw_image_folder
 
@@ -26,3 +33,26 @@ def kill_at_step(monkeypatch, task_cls, step: int):
 
     monkeypatch.setattr(task_cls, "step", dying)
     return lambda: monkeypatch.setattr(task_cls, "step", real)
+
+
+def accelerate_launch(args: Sequence[str], *, processes: int = 2, popen: bool = False, config: Path,
+                      timeout: float = 300):
+    """`accelerate launch` of `fvar ARGS` as `processes` processes over gloo on the CPU, on a free
+    rendezvous port (torchrun's fixed 29500 may still be held by the previous launch). `--multi_gpu`
+    is accelerate's torchrun launcher, which falls back to gloo without GPUs (`--cpu
+    --num_processes 2` would start ONE process). `config`: a path with no accelerate config file,
+    so the user's own is not read. popen: a Popen in its own session (kill it with os.killpg);
+    else the finished CompletedProcess."""
+    launcher = shutil.which("accelerate", path=os.path.dirname(sys.executable))
+    assert launcher, "accelerate's launcher is installed with fvar"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    cmd = [launcher, "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+           "--main_process_port", port, "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "fvar_cli.app",
+           *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_CONFIG_FILE": str(config)}
+    if popen:
+        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                                start_new_session=True)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)

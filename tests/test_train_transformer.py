@@ -4,11 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,7 +20,7 @@ from fvar_core.models.tokenizer import Tokenizer
 from fvar_core.models.transformer import VAR
 from fvar_core.runs import complete_checkpoints
 
-from .helpers import kill_at_step, make_folder
+from .helpers import accelerate_launch, kill_at_step, make_folder
 
 FAST = ["train.precision=fp32", "train.log_every=5", "train.sample_every=0", "train.warmup_frac=0.05"]
 
@@ -201,26 +196,15 @@ def test_distill_needs_alias_tokens(tokens, cli, tmp_path):
 
 def test_two_process_accelerate_launch_agrees_on_weights(tokens, tmp_path):
     """Two processes of DDP over gloo on CPU: train and distill run and every rank ends with the
-    same weights (fit checks and logs it). `--multi_gpu` is accelerate's torchrun launcher, which
-    falls back to gloo on a machine without GPUs; `--cpu --num_processes 2` starts ONE process
-    (accelerate's plain launcher, multi-CPU only through mpirun)."""
+    same weights (fit checks and logs it)."""
     root, _, shards, _ = tokens
-    launcher = shutil.which("accelerate", path=os.path.dirname(sys.executable))
-    assert launcher, "accelerate's launcher is installed with fvar"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_CONFIG_FILE": str(tmp_path / "none.yaml")}
     for mode in ("train", "distill"):
         run = tmp_path / mode
-        with socket.socket() as sock:  # a free rendezvous port: torchrun's fixed 29500 may still be held
-            sock.bind(("127.0.0.1", 0))
-            port = str(sock.getsockname()[1])
-        cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--main_process_port", port,
-               "--mixed_precision", "no",
-               "--dynamo_backend", "no", "-m", "fvar_cli.app", mode, "--preset", "tiny-64", "--tokens", str(shards),
-               "--out", str(run), "--steps", "3", *_sets(*FAST, "train.batch_size=4", "train.ckpt_every=3")]
-        p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        p = accelerate_launch([mode, "--preset", "tiny-64", "--tokens", str(shards), "--out", str(run), "--steps", "3",
+                               *_sets(*FAST, "train.batch_size=4", "train.ckpt_every=3")], config=tmp_path / "none.yaml")
         assert p.returncode == 0, p.stderr[-3000:]
         log = (run / "log.txt").read_text()
-        assert "2 processes" in log and "all 2 processes hold identical weights" in log, log
+        assert "2 processes, DDP" in log and "all 2 processes hold identical weights" in log, log
         assert [s for s, _ in complete_checkpoints(run)] == [3]
 
 

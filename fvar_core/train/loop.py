@@ -593,7 +593,7 @@ def _train(task: Task, model: nn.Module, opt: torch.optim.Optimizer, loader: Any
                 _raise_if_bad(pending, saver.last)
                 pending = None
             if report:
-                last = window.line(done, lr, cfg, task)
+                last = window.line(done, lr, cfg, task, acc)
                 if main:
                     _report(log, last, cfg, window, progress is None)
                     tracking.log(last)
@@ -682,11 +682,18 @@ class _Window:
             self.sums[k] = self.sums.get(k, 0) + v
         self.n += 1
 
-    def line(self, done: int, lr: float, cfg: LoopConfig, task: Task) -> Dict[str, Any]:
-        """The metrics.jsonl line of the window ending at step `done`."""
+    def line(self, done: int, lr: float, cfg: LoopConfig, task: Task, acc: Any = None) -> Dict[str, Any]:
+        """The metrics.jsonl line of the window ending at step `done`: means over the steps and, with
+        several processes (`acc`; a collective, every rank calls it), over the processes — the global
+        batch's figures, the same curve on any number of processes."""
         self.dt = time.perf_counter() - self.t
         line: Dict[str, Any] = {"step": done}
-        line.update({k: _scalar(v / self.n) for k, v in self.sums.items()})
+        sums = self.sums
+        if acc is not None and acc.num_processes > 1 and sums:
+            parts = [torch.as_tensor(v, dtype=torch.float32, device=acc.device) for v in sums.values()]
+            mean = acc.reduce(torch.cat([p.reshape(-1) for p in parts]), reduction="mean")
+            sums = dict(zip(sums, (m.reshape(p.shape) for m, p in zip(mean.split([p.numel() for p in parts]), parts))))
+        line.update({k: _scalar(v / self.n) for k, v in sums.items()})
         line["lr"] = lr
         line["img_per_s"] = self.n * cfg.batch_size / max(self.dt, 1e-9)
         if hasattr(task, "log_metrics"):
