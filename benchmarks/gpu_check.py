@@ -31,7 +31,8 @@ TARGETS = {"train_img_per_s": 2 * OFFICIAL_H100["train_img_per_s"],
            "train_peak_gib": 0.6 * OFFICIAL_H100["train_peak_gib"],
            "sample_img_per_s": 3 * OFFICIAL_H100["sample_img_per_s"]}
 
-# name, command (after `fvar`, or "pytest …"), timeout seconds. {json} is the job's JSON path.
+# name, command (after `fvar`, or "pytest …", or "launch …": `fvar …` under `accelerate launch` on every
+# GPU), timeout seconds. {json} is the job's JSON path, {batch16} 16 images per GPU.
 JOBS = [
     ("cuda-tests", "pytest -q -rs -m cuda", 150),
     ("train-d16-eager", "bench train --preset var-d16-256 --batch 64 --steps 10 --warmup 3 --no-compile "
@@ -58,6 +59,11 @@ JOBS = [
                              "--refine-from 7 --no-flops --json {json}", 90),
     ("sample-d16-512-kv-budget", "bench sample --preset d16-512 --batch 16 --steps 2 --kv-budget 1,1 --no-flops "
                                  "--json {json}", 120),
+    # sharded training (docs/design.md §7.1): with several GPUs the d30 distillation that fits no single
+    # GPU at B=64, measured per GPU against the FSDP memory table; with one GPU the CUDA FSDP test
+    ("fsdp-d30-distill", "launch bench train --preset d30-256 --distill --set train.strategy=fsdp "
+                         "--set train.activation_checkpointing=full --batch {batch16} --steps 3 --warmup 2 "
+                         "--no-compile --precision bf16 --no-flops --json {json}", 300),
 ]
 
 
@@ -86,11 +92,29 @@ def dry(cmd: str) -> str:
     return shlex.join(out + ["--device", "cpu"])
 
 
-def run_job(name: str, cmd: str, timeout: float, out_dir: Path) -> Dict[str, Any]:
+def launch(argv: List[str], processes: int) -> List[str]:
+    """`accelerate launch` of `fvar ARGV` over `processes` GPUs (gloo processes on a CPU dry run);
+    with one GPU, the CUDA FSDP test instead (FSDP needs two processes, NCCL one GPU each)."""
+    if processes < 2:
+        return [sys.executable, "-m", "pytest", "-q", "-rs", "-m", "cuda", "tests/test_fsdp.py"]
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+            "--num_machines", "1", "--main_process_port", port, "--dynamo_backend", "no", "-m", "fvar_cli.app", *argv]
+
+
+def run_job(name: str, cmd: str, timeout: float, out_dir: Path, processes: int = 1) -> Dict[str, Any]:
     json_path = out_dir / f"{name}.json"
-    argv = shlex.split(cmd.format(json=json_path))
-    argv = [sys.executable, "-m", "pytest", *argv[1:]] if argv[0] == "pytest" else \
-        [sys.executable, "-m", "fvar_cli.app", *argv]
+    argv = shlex.split(cmd.format(json=json_path, batch16=16 * processes))
+    if argv[0] == "launch":
+        argv = launch(argv[1:], processes)
+    elif argv[0] == "pytest":
+        argv = [sys.executable, "-m", "pytest", *argv[1:]]
+    else:
+        argv = [sys.executable, "-m", "fvar_cli.app", *argv]
     t0 = time.perf_counter()
     try:
         p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
@@ -143,6 +167,11 @@ def markdown(doc: Dict[str, Any]) -> str:
     r = _res(jobs, "train-d30-full-ckpt")
     add("train d30-256 B=64, full checkpointing: img/s", None, None, r and r["img_per_s"], ".1f")
     add("train d30-256: peak GiB (paper: 49 GiB, RESULTS.md)", None, "≤ 80", r and r["peak_memory"]["peak_gib"], ".1f")
+    r = _res(jobs, "fsdp-d30-distill")
+    n = doc.get("gpus", 1)
+    add(f"distill d30-256 FSDP ×{n}, 16 per GPU: img/s", None, None, r and r["img_per_s"], ".1f")
+    add(f"distill d30-256 FSDP ×{n}: peak GiB per GPU (table: {60.6 / n + 1.4 + 16 * 0.75:.1f})", None, "≤ 80",
+        r and r["peak_memory"]["peak_gib"], ".1f")
     for name, label in (("sample-d16", "sample d16-256 B=64"), ("sample-d16-compiled", "sample d16-256, reduce-overhead")):
         r = _res(jobs, name)
         add(f"{label}: img/s with decode", OFFICIAL_H100["sample_img_per_s"], f"≥ {TARGETS['sample_img_per_s']:.1f}",
@@ -172,7 +201,8 @@ def main() -> int:
     doc: Dict[str, Any] = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "dry_run": a.dry_run,
                            "torch": torch.__version__, "cuda": torch.version.cuda,
                            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() and not a.dry_run
-                           else "CPU (dry run)", "official_h100": OFFICIAL_H100, "targets": TARGETS, "jobs": []}
+                           else "CPU (dry run)", "official_h100": OFFICIAL_H100, "targets": TARGETS, "jobs": [],
+                           "gpus": 2 if a.dry_run else torch.cuda.device_count()}
     t0 = time.perf_counter()
     for name, cmd, timeout in JOBS:
         if a.dry_run:
@@ -181,7 +211,7 @@ def main() -> int:
         if left <= 10 and not a.dry_run:
             doc["jobs"].append({"name": name, "status": "skipped (time budget spent)", "wall_s": 0})
             continue
-        rec = run_job(name, cmd, timeout if a.dry_run else min(timeout, left), a.out)
+        rec = run_job(name, cmd, timeout if a.dry_run else min(timeout, left), a.out, doc["gpus"])
         print(f"{name}: {rec['status']} in {rec['wall_s']} s", flush=True)
         doc["jobs"].append(rec)
         (a.out / "gpu_check.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Optional
 
 import torch
 from torch.utils.data import default_collate
@@ -71,13 +72,27 @@ def proxy_activation_bytes(preset, distill: bool, depth: int) -> dict:
     return out
 
 
-def row(name: str, batch: int, distill: bool) -> dict:
-    """Per block: the difference of a depth-4 and a depth-2 proxy (per batch · token · width unit);
-    the rest (embeddings, head input, the loss's stored gradients): the depth-2 proxy minus two
-    blocks, scaled by batch · token · width too (an overestimate: its V·C part does not grow with B)."""
+def unit_bytes(preset, distill: bool) -> dict:
+    """{mode: (per block, rest)} activation bytes per batch · token · width unit. Per block: the
+    difference of a depth-4 and a depth-2 proxy; the rest (embeddings, head input, the loss's
+    stored gradients): the depth-2 proxy minus two blocks, scaled by batch · token · width too (an
+    overestimate: its V·C part does not grow with B)."""
+    two, four = proxy_activation_bytes(preset, distill, 2), proxy_activation_bytes(preset, distill, 4)
+    proxy_units = PROXY_BATCH * preset.seq_len * PROXY_WIDTH
+    out = {}
+    for mode in MODES:
+        block = (four[mode] - two[mode]) / 2 / proxy_units
+        out[mode] = (block, (two[mode] - 2 * block * proxy_units) / proxy_units)
+    return out
+
+
+def row(name: str, batch: int, distill: bool, units_of: Optional[dict] = None) -> dict:
+    """The table's row of a preset at `batch`. units_of: `unit_bytes` measured on another preset
+    of the same vocabulary (the 512/1024 presets reuse their 256 sibling's: per unit the costs do
+    not depend on the token count with fused attention, and a CPU proxy at 9,451 tokens would keep
+    the L × L scores its CPU kernel materialises)."""
     p = load_preset(name)
-    two, four = proxy_activation_bytes(p, distill, 2), proxy_activation_bytes(p, distill, 4)
-    proxy_units = PROXY_BATCH * p.seq_len * PROXY_WIDTH
+    per_unit = units_of if units_of is not None else unit_bytes(p, distill)
     units = batch * p.seq_len * p.model.width
     n = params(p, distill)
     nets = 2 if distill else 1
@@ -85,8 +100,7 @@ def row(name: str, batch: int, distill: bool) -> dict:
          "weights_grads_adam_gib": 16 * n / GiB,
          "logits_full_gib": 3 * nets * batch * p.seq_len * p.tokenizer.vocab_size * 4 / GiB}
     for mode in MODES:
-        block = (four[mode] - two[mode]) / 2 / proxy_units
-        rest = (two[mode] - 2 * block * proxy_units) / proxy_units
+        block, rest = per_unit[mode]
         r[f"activations_{mode}_gib"] = (block * p.model.depth + rest) * units / GiB
         r[f"block_{mode}_gib"] = block * units / GiB
     # with full checkpointing the backward recomputes one block at a time: its activations come back

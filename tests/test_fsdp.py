@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -231,3 +232,78 @@ def test_refused_combinations_are_one_line(tokens, cli, tmp_path):  # noqa: F811
     with pytest.raises(UserError, match="not on mps"):
         check_strategy("fsdp", processes=2, precision="bf16", device_type="mps")
     check_strategy("fsdp", processes=2, precision="bf16", device_type="cuda")  # the supported GPU case
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fsdp_bf16_on_one_cuda_gpu_trains_like_autocast():
+    """The CUDA path of `shard` (NCCL, fp32 gathers and reduction, bf16 autocast) in a one-process
+    group: three distillation steps track the unsharded model under the same autocast, and the gathered
+    weights and optimiser state load back onto the shards unchanged (benchmarks/gpu_check.sh runs
+    this on one GPU; with more it launches the sharded benchmark)."""
+    import torch.distributed as dist
+    from torch.utils.data import default_collate
+
+    from fvar_core.models.tokenizer import Tokenizer
+    from fvar_core.pipelines.bench import RandomTokens
+    from fvar_core.presets import load_preset
+    from fvar_core.train.loop import build_optimizer
+    from fvar_core.train.sharding import gathered, gathered_optimizer, load_optimizer, shard
+    from fvar_core.train.transformer import VARTask
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group("nccl", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{port}")
+    try:
+        p = load_preset("tiny-64", ["model.cond_drop=0.0"])
+        dev = torch.device("cuda")
+        data = RandomTokens(4, p.seq_len, p.tokenizer.vocab_size, p.tokenizer.alias_tokens, p.model.num_classes)
+        batch = tuple(x.to(dev) for x in default_collate([data[i] for i in range(4)]))
+        losses = {}
+        for sharded in (False, True):
+            torch.manual_seed(0)
+            task = VARTask(p, Tokenizer(p.tokenizer, p.patch_nums).to(dev), distill=True, source="tokens")
+            model = task.build().to(dev)
+            if sharded:
+                shard(model, task.shard_units(model))
+            opt = build_optimizer(task, model, p.train, dev)
+            task.attach(model)
+            model.train()
+            losses[sharded] = []
+            for step in range(3):
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    loss, _ = task.step(batch, step)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                losses[sharded].append(loss.item())
+        assert np.allclose(losses[True], losses[False], rtol=2e-2), losses
+        weights = gathered(task.state_dict(), True)
+        params = {n for n, _ in task.student.named_parameters()}
+        assert params <= weights.keys() and all(weights[k].device.type == "cpu" and torch.isfinite(weights[k]).all()
+                                                for k in params)
+        full = gathered_optimizer(opt, True)
+        load_optimizer(opt, full)
+        again = gathered_optimizer(opt, True)
+        assert all(torch.equal(full["state"][i][k], again["state"][i][k])
+                   for i in full["state"] for k in ("exp_avg", "exp_avg_sq"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_shipped_launch_files_parse():
+    """examples/accelerate/*.yaml are configs accelerate reads as DDP and FSDP (the launcher picks the
+    loop's strategy from them); the SLURM script is valid bash that launches the FSDP one."""
+    import subprocess
+
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType
+
+    root = Path(__file__).resolve().parents[1] / "examples"
+    ddp, fsdp = (load_config_from_file(str(root / "accelerate" / f"{n}.yaml")) for n in ("ddp", "fsdp"))
+    assert ddp.distributed_type == DistributedType.MULTI_GPU and fsdp.distributed_type == DistributedType.FSDP
+    assert fsdp.fsdp_config.get("fsdp_version") == 2 and ddp.num_processes == fsdp.num_processes == 8
+    script = root / "slurm-fsdp.sbatch"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    assert "examples/accelerate/fsdp.yaml" in script.read_text()

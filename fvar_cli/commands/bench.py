@@ -53,14 +53,17 @@ def train_cmd(
                + (", torch.compile" if p.train.compile_on(dev.type) else ""))
     doc = train_benchmark(p, device=dev, distill=distill, batch=batch, steps=steps, warmup=warmup, flops=flops,
                           peak_tflops=peak_tflops)
+    if doc is None:  # another process of an `accelerate launch`: the main one reports
+        return
     res, mem = doc["results"], doc["results"]["peak_memory"]
     mfu = res.get("mfu")
-    typer.echo(f"{doc['machine']['device']}, {doc['settings']['precision']}: {res['img_per_s']:.2f} img/s, "
+    typer.echo(f"{doc['machine']['device']}" + (f" ×{res['processes']} ({res['strategy']})" if res["processes"] > 1 else "")
+               + f", {doc['settings']['precision']}: {res['img_per_s']:.2f} img/s, "
                f"{res['step_ms']:.1f} ms/step; peak memory {mem['peak_gib']:.2f} GiB ({mem['kind']})"
                + (f"; {res['tflop_per_img']:.4g} TFLOP/img, {res['achieved_tflop_per_s']:.3g} TFLOP/s"
                   if "tflop_per_img" in res else "")
                + (f", MFU {100 * mfu:.1f}% of {res['peak']['tflops']:g} TFLOP/s" if mfu is not None else
-                  (", MFU: no peak known (pass --peak-tflops)" if flops else "")))
+                  (", MFU: no peak known (pass --peak-tflops)" if "tflop_per_img" in res else "")))
     _write(json_out, doc)
 
 

@@ -400,8 +400,14 @@ def bench_train(preset, *, distill: bool = False, batch: int = 64, steps: int = 
 
     Returns img/s and step ms (medians over the timed steps), peak memory over the run, model
     FLOPs per image (forward + backward, counted once at batch 1 by FlopCounterMode), achieved
-    TFLOP/s and MFU against `peak_tflops` (given, or detected for known GPUs; None on CPU)."""
+    TFLOP/s and MFU against `peak_tflops` (given, or detected for known GPUs; None on CPU).
+
+    Under `accelerate launch` (several processes: DDP, or FSDP with train.strategy=fsdp) the
+    batch is the global one, the main process returns the figures (its own peak memory, per GPU)
+    and the others None; FLOPs are not counted there (the process group is gone after the run)."""
     import json
+    import os
+    import shutil
     import tempfile
 
     from rich.console import Console
@@ -416,10 +422,22 @@ def bench_train(preset, *, distill: bool = False, batch: int = 64, steps: int = 
                         p.tokenizer.alias_tokens if distill else 0, p.model.num_classes)
     task = VARTask(p, tok, distill=distill, source="tokens")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    with tempfile.TemporaryDirectory(prefix="fvar-bench-") as tmp, PeakMemory(dev) as mem:
-        fit(task, data, Path(tmp) / "run", device=str(dev),
-            console=Console(quiet=True, force_terminal=False), num_workers=0, checkpoints=False)
-        lines = [json.loads(x) for x in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:  # one run folder for every process of the launch (torchrun's run id and port name it)
+        tmp = Path(tempfile.gettempdir()) / (f"fvar-bench-{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}-"
+                                             f"{os.environ.get('MASTER_PORT', '0')}")
+    else:
+        tmp = Path(tempfile.mkdtemp(prefix="fvar-bench-"))
+    try:
+        with PeakMemory(dev) as mem:
+            res = fit(task, data, tmp / "run", device=str(dev), console=Console(quiet=True, force_terminal=False),
+                      num_workers=0, checkpoints=False)
+        if not res.main_process:
+            return None
+        lines = [json.loads(x) for x in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
+    finally:
+        if world == 1 or int(os.environ.get("RANK", "0")) == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
     timed = Timings([batch / line["img_per_s"] for line in lines[warmup:]])
     out: Dict[str, Any] = {
         "img_per_s": batch / timed.median,
@@ -428,8 +446,10 @@ def bench_train(preset, *, distill: bool = False, batch: int = 64, steps: int = 
         "warmup_seconds": sum(batch / line["img_per_s"] for line in lines[:warmup]),
         "peak_memory": mem.summary(),
         "final_loss": lines[-1]["loss"],
+        "processes": world,
+        "strategy": p.train.strategy if world > 1 else None,
     }
-    if flops:
+    if flops and world == 1:
         f_img = count_train_flops(task, data[0], dev)
         out["tflop_per_img"] = f_img / 1e12
         out["achieved_tflop_per_s"] = f_img * out["img_per_s"] / 1e12
@@ -515,6 +535,8 @@ def train_benchmark(preset, *, device: torch.device, distill: bool, batch: int, 
     p = preset
     res = bench_train(p, distill=distill, batch=batch, steps=steps, warmup=warmup, device=str(device),
                       peak_tflops=peak_tflops, flops=flops)
+    if res is None:  # not the main process of a launch
+        return None
     return {"benchmark": "train", "created": utc_now(), "machine": machine(device),
             "model": {"preset": p.name, "mode": "distill" if distill else "train", "depth": p.model.depth,
                       "width": p.model.width, "resolution": p.resolution, "seq_len": p.seq_len},

@@ -272,7 +272,7 @@ def fit(task: Task, data: Any, run_dir: Union[str, Path, CheckedRunDir], *, devi
         model = task.build().to(acc.device)
         resumed = _resume(task, chosen, acc, cfg)  # the weights go into the whole model, before sharding
         if sharded:
-            shard(model, task.shard_units(model), acc.device.type, cfg.precision)
+            shard(model, task.shard_units(model))
         opt = build_optimizer(task, model, cfg, acc.device)
         if resumed.optimizer is not None:
             _load_optimizer(opt, resumed, sharded)

@@ -14,8 +14,12 @@ run writes (docs/design.md §7.1):
     gathered_optimizer    the optimiser's state in torch's own layout, full, main process only
     load_optimizer        that layout back onto the shards (each rank slices what it holds)
 
-Precision: on CUDA bf16 compute with fp32 master weights and fp32 gradient reduction
-(`MixedPrecisionPolicy`); on the CPU plain fp32, the exact path the tests compare against DDP.
+Precision: FSDP gathers and reduce-scatters fp32 (master weights and gradient reduction in fp32);
+the compute precision comes from the loop's autocast, as in every other run (bf16 matmuls on CUDA,
+the residual stream, norms, softmax and VAR's fp32 embeddings kept fp32). A bf16 parameter policy
+would halve the all-gather traffic but cast each block's input — the residual stream — to bf16
+and break VAR's fp32 embeddings: not the model DDP trains. On the CPU it is the exact fp32 path
+the tests compare against DDP.
 """
 from __future__ import annotations
 
@@ -55,15 +59,12 @@ def check_strategy(strategy: str, *, processes: int, precision: str, device_type
         raise UserError(f"strategy fsdp runs on CUDA GPUs (and on CPUs, for tests), not on {device_type}")
 
 
-def shard(model: nn.Module, units: Sequence[nn.Module], device_type: str, precision: str) -> nn.Module:
+def shard(model: nn.Module, units: Sequence[nn.Module]) -> nn.Module:
     """FSDP2 over `model`: each of `units` its own group (gathered just for its forward and
     backward), then the root. In place; returns `model` (now an FSDPModule)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    if device_type == "cuda" and precision == "bf16":
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    else:
-        mp = MixedPrecisionPolicy()
+    mp = MixedPrecisionPolicy(reduce_dtype=torch.float32)  # see the module docstring
     for unit in units:
         fully_shard(unit, mp_policy=mp, reshard_after_forward=True)
     fully_shard(model, mp_policy=mp)

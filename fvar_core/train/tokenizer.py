@@ -102,7 +102,7 @@ class TokenizerTask:
     best_metric = "recon"
     # No `shard_units`: the loop refuses strategy fsdp with this line (docs/design.md §7.1).
     fsdp_refusal = ("tokenizer_train.strategy fsdp is refused: a tokenizer's whole training state (16 bytes per "
-                    "parameter, 1.7 GiB for VAR's 109M-parameter VQ-VAE) fits every GPU, and its dead-code restarts "
+                    "parameter: 1.6 GiB for the presets' 109M-parameter tokenizer) fits every GPU, and its dead-code restarts "
                     "rewrite whole codebook rows that sharding would split; train it with ddp")
 
     def __init__(self, preset: Preset, *, sample_images: Optional[torch.Tensor] = None,
