@@ -2,13 +2,15 @@
 *tasks* plugged into `fit`, which owns everything they share. `fit` reads as its steps:
 
     fit(task, data, run_dir)
-      _accelerator     accelerate: CPU, one GPU, DDP (`accelerate launch`); bf16/fp16 autocast on
-                       CUDA only, fp32 on CPU unless cpu_bf16
+      _accelerator     accelerate: CPU, one GPU, DDP or FSDP (`accelerate launch`); bf16/fp16 autocast
+                       on CUDA only, fp32 on CPU unless cpu_bf16
       _open_run        the run directory (`runs`): checked, locked, config.yaml written, the
                        checkpoint to resume from picked (the newest that verifies)
-      build_optimizer  AdamW (fused on CUDA), per-group weight decay and lr multipliers
-      _resume          weights, optimiser, step, RNG streams of torch/numpy/python, data position,
-                       task state
+      _resume          weights, step, RNG streams of torch/numpy/python, data position, task state
+      shard            train.strategy fsdp: FSDP2 over the task's units, then the root
+                       (`train.sharding`, docs/design.md §7.1); DDP is accelerate's `prepare`
+      build_optimizer  AdamW (fused), per-group weight decay and lr multipliers; the saved state
+                       loaded whole, or sliced onto the shards
       _loader          an infinite stream of per-epoch permutations seeded by (seed, epoch); step s
                        uses samples [s·B, (s+1)·B) of the stream, each rank a contiguous shard of it,
                        and item i of epoch e is loaded with the dataset at epoch e (its augmentation
@@ -17,7 +19,8 @@
                        §3), micro-steps (no_sync between them), clip, step, log, sample, save; a
                        NaN/inf loss stops before the update and leaves every checkpoint untouched
       _Saver           checkpoints/step-N, latest and best (the lowest `best_metric` of a log window
-                       ending at a checkpoint step), the last `keep_last` kept plus the best
+                       ending at a checkpoint step), the last `keep_last` kept plus the best; weights
+                       and optimiser state always full (gathered to the main process when sharded)
 
 A task is anything with the `Task` protocol's methods; optional hooks are looked up by name.
 """
@@ -73,16 +76,20 @@ class Task(Protocol):
         attach(model) -> None             the prepared module (DDP / autocast wrapped) that step uses
         step(batch, step) -> (loss, metrics)   one micro-batch on the device; loss a 0-d tensor,
                                           metrics {name: float | 0-d tensor}, averaged over a log window
-        state_dict() -> {name: Tensor}    the weights of the checkpoint (safetensors)
+        state_dict() -> {name: Tensor}    the weights of the checkpoint (safetensors); sharded ones
+                                          as DTensors: the loop gathers them (`sharding.gathered`)
         load_state_dict(sd) -> None
     Optional (looked up with getattr):
         extra_state() / load_extra_state(d)   non-weight state for training_state.pt (tensors,
                                           numbers, strings, lists, dicts only)
         after_step(step) -> dict | None   after each optimiser step (e.g. dead-code restarts)
         log_metrics(step) -> dict         extra entries of the metrics line, at log steps
-        on_sample(run_dir, step)          sample grids, every `sample_every` steps (main process)
+        on_sample(run_dir, step[, weights])   sample grids, every `sample_every` steps (main process;
+                                          sharded runs pass the gathered full weights)
         best_metric: str                  metrics entry (lower is better) that picks the best checkpoint
         describe() -> list[str]           lines for the log at start
+        shard_units(model) -> list[nn.Module]   the FSDP groups under train.strategy fsdp (a task
+                                          without it refuses fsdp, with its `fsdp_refusal` line)
     """
 
     kind: str

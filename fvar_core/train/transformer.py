@@ -266,7 +266,8 @@ class VARTask:
         student = self.student
         if weights is not None:
             p = self.preset
-            student = VAR(p.model, p.patch_nums, p.tokenizer.vocab_size, p.tokenizer.z_channels)
+            with torch.random.fork_rng(devices=[]):  # its throw-away initialisation must not move the run's RNG
+                student = VAR(p.model, p.patch_nums, p.tokenizer.vocab_size, p.tokenizer.z_channels)
             load_strict(student, weights, "gathered student")
             student.to(next(self.tok.parameters()).device)
         was = student.training
