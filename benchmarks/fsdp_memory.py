@@ -144,19 +144,21 @@ def table(gpus: int, gpu_gib: float) -> List[dict]:
                         act += nets * per_unit["off"][0] * per_image  # one block recomputed per network
                     r[f"act_{mode}_gib_per_image"] = act / GiB
                     r[f"batch_{mode}"] = max(int((budget - state - transient) // act), 0)
+                    if mode == "full":  # DDP: the whole state on every GPU, nothing gathered
+                        r["batch_ddp_full"] = max(int((budget - 16 * c["params"]) // act), 0)
                 rows.append(r)
     return rows
 
 
 def markdown(rows: List[dict], gpus: int, gpu_gib: float) -> str:
-    out = [f"| preset | mode | params | one GPU: weights + grads + AdamW | FSDP ×{gpus}, per GPU: sharded state "
-           f"| transient | activations per image, full / pointwise | largest batch per GPU, full "
-           f"(global) | pointwise (global) |", "|---|---|---|---|---|---|---|---|---|"]
+    out = [f"| preset | mode | params | one GPU (DDP): weights + grads + AdamW | largest batch per GPU, DDP, full "
+           f"| FSDP ×{gpus}, per GPU: sharded state | transient | activations per image, full / pointwise "
+           f"| FSDP: largest batch per GPU, full (global) | pointwise (global) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         def fit(b: int) -> str:
             return f"{b} ({b * gpus})" if b else "does not fit"
         out.append(f"| `{r['preset']}` | {r['mode']} | {r['params'] / 1e9:.2f} B | {r['one_gpu_state_gib']:.1f} GiB | "
-                   f"{r['state_gib']:.1f} GiB | {r['transient_gib']:.1f} GiB | {r['act_full_gib_per_image']:.2f} / "
+                   f"{r['batch_ddp_full'] or 'does not fit'} | {r['state_gib']:.1f} GiB | {r['transient_gib']:.1f} GiB | {r['act_full_gib_per_image']:.2f} / "
                    f"{r['act_pointwise_gib_per_image']:.2f} GiB | {fit(r['batch_full'])} | {fit(r['batch_pointwise'])} |")
     return "\n".join(out)
 
