@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from fvar_core.runs import complete_checkpoints
 from fvar_core.train.sharding import check_strategy
 from fvar_core.errors import UserError
 
-from .helpers import accelerate_launch, kill_at_step
+from .helpers import accelerate_launch, kill_at_step, make_folder
 from .test_train_transformer import tokens  # noqa: F401 — the module's tiny-64 tokenizer and shards
 
 STEPS = 8
@@ -219,10 +220,7 @@ def test_refused_combinations_are_one_line(tokens, cli, tmp_path):  # noqa: F811
     assert r.code == 2 and "strategy fsdp shards the training state over processes" in r.err
     assert len(r.err.strip().splitlines()[-1]) > 40 and "Traceback" not in r.err
     assert not (tmp_path / "one").exists()
-    folder = tmp_path / "imgs"
-    from .helpers import make_folder
-
-    make_folder(folder, per_class=2, size=64)
+    folder = make_folder(tmp_path / "imgs", per_class=2, size=64)
     r = cli("train-tokenizer", "--preset", "tiny-64", "--data", str(folder), "--out", str(tmp_path / "tok"),
             "--steps", "1", "--set", "tokenizer_train.strategy=fsdp")
     assert r.code == 2 and "tokenizer_train.strategy fsdp is refused" in r.err and "Traceback" not in r.err
@@ -296,8 +294,6 @@ def test_fsdp_bf16_on_one_cuda_gpu_trains_like_autocast():
 def test_the_shipped_launch_files_parse():
     """examples/accelerate/*.yaml are configs accelerate reads as DDP and FSDP (the launcher picks the
     loop's strategy from them); the SLURM script is valid bash that launches the FSDP one."""
-    import subprocess
-
     from accelerate.commands.config.config_args import load_config_from_file
     from accelerate.utils import DistributedType
 

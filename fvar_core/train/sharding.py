@@ -2,8 +2,8 @@
 
 `fit` calls `shard` once, after the weights of a resumed run are loaded into the plain model and
 before the optimiser exists (its state lives on the shards). The order is torchtitan's: the
-task's units (each transformer block; the tokenizer's encoder/decoder stages) are sharded first,
-the root last, so the root group holds what is left — embeddings, the head — and FSDP keeps it
+task's units (each transformer block, the teacher's AG-XAttn layers) are sharded first, the root
+last, so the root group holds what is left — embeddings, the head — and FSDP keeps it
 unsharded from its forward to the end of the backward (the head is applied by the loss outside
 the forward: `train.head_loss`). The models know nothing of it.
 
@@ -30,19 +30,10 @@ import torch.nn as nn
 
 from fvar_core.errors import UserError
 
-STRATEGIES = ("ddp", "fsdp")
-
-
 def _dtensor_cls():
     from torch.distributed.tensor import DTensor
 
     return DTensor
-
-
-def is_sharded(module: nn.Module) -> bool:
-    """True when any parameter of `module` is a DTensor (it, or a parent, went through `shard`)."""
-    DTensor = _dtensor_cls()
-    return any(isinstance(p, DTensor) for p in module.parameters())
 
 
 def check_strategy(strategy: str, *, processes: int, precision: str, device_type: str) -> None:
