@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -56,3 +58,45 @@ def accelerate_launch(args: Sequence[str], *, processes: int = 2, popen: bool = 
         return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
                                 start_new_session=True)
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def _descendants(pid: int) -> list:
+    """Every process under `pid` (from /proc's parent links)."""
+    children: dict = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def kill_9_launch(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """kill -9 a launcher and every process it started, at once, and wait until they are gone:
+    torchrun starts each rank in a session of its own, out of reach of os.killpg, so killing the
+    launcher's group alone leaves the ranks training on as orphans."""
+    pids = [proc.pid, *_descendants(proc.pid)]
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    t0 = time.time()
+    while any(_alive(pid) for pid in pids):
+        assert time.time() - t0 < timeout, f"processes {pids} survived SIGKILL"
+        time.sleep(0.01)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False

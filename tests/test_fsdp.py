@@ -12,9 +12,7 @@ it; logged metrics are means over the processes) and, with label dropout off, th
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -30,7 +28,7 @@ from fvar_core.runs import complete_checkpoints
 from fvar_core.train.sharding import check_strategy
 from fvar_core.errors import UserError
 
-from .helpers import accelerate_launch, kill_at_step, make_folder
+from .helpers import accelerate_launch, kill_9_launch, kill_at_step, make_folder
 from .test_train_transformer import tokens  # noqa: F401 — the module's tiny-64 tokenizer and shards
 
 STEPS = 8
@@ -140,24 +138,25 @@ def test_an_fsdp_checkpoint_samples_exports_and_loads_in_one_process(fsdp_run, c
 def test_kill_9_mid_run_then_resume_is_bitwise(fsdp_run, tmp_path):
     shards, straight = fsdp_run
     run = tmp_path / "killed"
-    kills = 0
+    interrupted = []
     for at in (3, 6):  # kill every process once this many metrics lines exist (mid-step or mid-save)
         p = accelerate_launch(_args(shards, run, *FSDP), config=tmp_path / "none.yaml", popen=True)
         t0 = time.time()
         while p.poll() is None and time.time() - t0 < 120:
             lines = (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").exists() else []
             if len(lines) >= at:
-                os.killpg(p.pid, signal.SIGKILL)
-                kills += 1
+                kill_9_launch(p)
+                done = complete_checkpoints(run)
+                interrupted.append(done[-1][0] if done else 0)
                 break
             time.sleep(0.005)
         p.wait()
-    assert kills, "no kill landed"
+    assert interrupted and min(interrupted) < STEPS, f"no kill landed before the end: {interrupted}"
     p = accelerate_launch(_args(shards, run, *FSDP), config=tmp_path / "none.yaml")
     assert p.returncode == 0, p.stderr[-3000:]
     assert "resuming" in (run / "log.txt").read_text()
     a, b = _weights(straight), _weights(run)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
     assert _losses(run) == _losses(straight)
 
 
@@ -172,7 +171,7 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(fsdp_run, tm
     log = (run / "log.txt").read_text()
     assert f"skipped checkpoint step-{STEPS:07d}" in log and f"from step {STEPS - 2}" in log, log
     a, b = _weights(straight), _weights(run)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
 
 
 def test_a_run_resumes_on_another_number_of_processes(fsdp_run, cli, tmp_path, monkeypatch):
