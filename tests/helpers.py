@@ -43,7 +43,7 @@ def accelerate_launch(args: Sequence[str], *, processes: int = 2, popen: bool = 
     rendezvous port (torchrun's fixed 29500 may still be held by the previous launch). `--multi_gpu`
     is accelerate's torchrun launcher, which falls back to gloo without GPUs (`--cpu
     --num_processes 2` would start ONE process). `config`: a path with no accelerate config file,
-    so the user's own is not read. popen: a Popen in its own session (kill it with os.killpg);
+    so the user's own is not read. popen: a Popen in its own session (kill it with `kill_9_launch`);
     else the finished CompletedProcess."""
     launcher = shutil.which("accelerate", path=os.path.dirname(sys.executable))
     assert launcher, "accelerate's launcher is installed with fvar"

@@ -495,12 +495,16 @@ class _Saver:
     def due(self, done: int) -> bool:
         return self.enabled and (done % self.cfg.ckpt_every == 0 or done == self.cfg.steps)
 
-    def save(self, step: int, metrics: Mapping[str, Any]) -> Path:
+    def save(self, step: int, metrics: Mapping[str, Any],
+             weights: Optional[Mapping[str, torch.Tensor]] = None) -> Path:
+        """weights: the task's weights already gathered at this step (the sample grid's), else
+        gathered here."""
         task, acc, cfg = self.task, self.acc, self.cfg
         main = acc.is_main_process
         rngs = _gather_objects(acc, _rng_state(acc.device))
         # every rank takes part: sharded tensors are gathered (to the main process's CPU) one by one
-        weights = gathered(task.state_dict(), main)
+        if weights is None:
+            weights = gathered(task.state_dict(), main)
         extra = gathered_tree(task.extra_state(), main) if hasattr(task, "extra_state") else None
         optimizer = gathered_optimizer(self.opt, main)
         value = metrics.get(self.best_metric) if metrics.get("step") == step else None
@@ -607,6 +611,7 @@ def _train(task: Task, model: nn.Module, opt: torch.optim.Optimizer, loader: Any
                 window.reset()
             if progress is not None:
                 progress.update(done, last)
+            weights = None  # gathered once per step, for the sample grid and the checkpoint alike
             if sample_due:
                 # sharded: every rank gathers the weights, the main process samples a whole copy
                 weights = gathered(task.state_dict(), main) if sharded else None
@@ -616,7 +621,7 @@ def _train(task: Task, model: nn.Module, opt: torch.optim.Optimizer, loader: Any
                     tracking.image(run_dir / "samples" / f"step-{done:07d}.png", done)
                     model.train()
             if saver.due(done):
-                saver.save(done, last)
+                saver.save(done, last, weights)
         _raise_if_bad(pending, saver.last)
     except KeyboardInterrupt as e:
         newest = f"its newest checkpoint is {saver.last.name}" if saver.last else "no checkpoint was written yet"
